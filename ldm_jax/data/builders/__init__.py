@@ -1,1 +1,8 @@
+"""The project's TFDS builders; importing this package registers them with TFDS."""
 
+from ldm_jax.data.builders.digits import Digits
+from ldm_jax.data.builders.photo_crops import PhotoCrops
+
+BUILDERS = {Digits.name: Digits, PhotoCrops.name: PhotoCrops}
+
+__all__ = ["BUILDERS", "Digits", "PhotoCrops"]

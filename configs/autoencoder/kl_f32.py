@@ -1,0 +1,33 @@
+"""KL-f32 autoencoder (z=64; latent 8x8x64 at 256^2).
+
+Reference: first-stage table of the paper's released configs (models/first_stage_models/
+kl-f32). Train on a prepared TFDS dataset (OpenImages/ImageNet in the paper):
+
+    python -m ldm_jax.train --config configs/autoencoder/kl_f32.py --workdir runs/kl_f32 \
+        --config.data.name=imagenet2012 --config.data.data_dir=/path/to/tensorflow_datasets
+
+CPU smoke run (tiny model, photo_crops, 4 steps):
+
+    python -m ldm_jax.train --config configs/autoencoder/kl_f32.py:runlocal --workdir runs/kl_f32_local
+"""
+
+from ldm_jax import config_common as common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, runlocal=False)
+    c = common.autoencoder_config(
+        kind="kl", embed_dim=64, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16, 8), n_embed=0
+    )
+    c.loss.disc_start = 50001
+    c.loss.disc_weight = 0.5
+    c.loss.disc_num_layers = 3
+    c.batch_size = 6
+    c.data.name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    if args.runlocal:
+        common.shrink_autoencoder(c)
+        c.data.name = "photo_crops"
+        c.data.eval_split = "test"
+    return c

@@ -1,0 +1,33 @@
+"""VQ-f4 autoencoder (z=3, 8192 codes; latent 64x64x3 at 256^2).
+
+Reference: first-stage table of the paper's released configs (models/first_stage_models/
+vq-f4). Train on a prepared TFDS dataset (OpenImages/ImageNet in the paper):
+
+    python -m ldm_jax.train --config configs/autoencoder/vq_f4.py --workdir runs/vq_f4 \
+        --config.data.name=imagenet2012 --config.data.data_dir=/path/to/tensorflow_datasets
+
+CPU smoke run (tiny model, photo_crops, 4 steps):
+
+    python -m ldm_jax.train --config configs/autoencoder/vq_f4.py:runlocal --workdir runs/vq_f4_local
+"""
+
+from ldm_jax import config_common as common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, runlocal=False)
+    c = common.autoencoder_config(
+        kind="vq", embed_dim=3, ch_mult=(1, 2, 4), attn_resolutions=(), n_embed=8192
+    )
+    c.loss.disc_start = 0
+    c.loss.disc_weight = 0.75
+    c.loss.disc_num_layers = 3
+    c.batch_size = 8
+    c.data.name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    if args.runlocal:
+        common.shrink_autoencoder(c)
+        c.data.name = "photo_crops"
+        c.data.eval_split = "test"
+    return c

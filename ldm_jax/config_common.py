@@ -1,0 +1,162 @@
+"""Shared defaults for every experiment under configs/.
+
+An experiment file builds on `base_config()` and overrides what the paper's config says.
+`runlocal` shrinks an experiment to CPU size (toy model, tiny batch, few steps) while
+keeping its structure, so every paper config can be smoke-tested on a laptop.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses `key=value,flag` strings from `--config path.py:ARG` (big_vision style)."""
+    out = dict(defaults)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(out)}")
+        out[key] = type(defaults[key])(value) if value else True
+    return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "autoencoder"
+    c.seed = 0
+    c.batch_size = 8  # global, over all processes and devices
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="photo_crops",
+            data_dir=ml_collections.FieldReference(None, field_type=str),
+            train_split="train",
+            eval_split="test",
+            image_size=256,
+            resize=ml_collections.FieldReference(None, field_type=int),
+            crop="random",
+            flip=True,
+            prepare_if_missing=True,
+            num_threads=2,
+            image_key="image",
+            label_key="label",
+            caption_key="caption",
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=100_000,
+            log_every=50,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+            eval_every=5000,
+            eval_examples=256,
+            eval_batch_size=32,
+            image_every=1000,
+            num_image_rows=8,
+            on_nonfinite="stop",  # 'stop': raise naming the step; 'skip': drop the update
+            progress_bar=True,
+        )
+    )
+    return c
+
+
+def autoencoder_config(
+    *,
+    kind: str,
+    embed_dim: int,
+    ch_mult: tuple[int, ...],
+    attn_resolutions: tuple[int, ...],
+    n_embed: int = 0,
+    attn_type: str = "vanilla",
+) -> ml_collections.ConfigDict:
+    """A paper first-stage config (section 1 of the reference tables)."""
+    c = base_config()
+    c.stage = "autoencoder"
+    c.model = ml_collections.ConfigDict(
+        dict(
+            type=kind,
+            ch=128,
+            ch_mult=ch_mult,
+            num_res_blocks=2,
+            attn_resolutions=attn_resolutions,
+            attn_type=attn_type,
+            dropout=0.0,
+            in_channels=3,
+            out_ch=3,
+            resolution=256,
+            z_channels=embed_dim,
+            embed_dim=embed_dim,
+            double_z=kind == "kl",
+            n_embed=n_embed,
+            beta=0.25,
+            norm_groups=32,
+            dtype="float32",
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            disc_start=50001,
+            kl_weight=1.0e-6,
+            codebook_weight=1.0,
+            disc_weight=0.5,
+            disc_factor=1.0,
+            disc_loss="hinge",
+            disc_in_channels=3,
+            disc_num_layers=3,
+            disc_ndf=64,
+            perceptual_weight=1.0,
+            logvar_init=0.0,
+            # The reference optimiser leaves the loss's logvar out of its parameter list, so
+            # it stays at logvar_init; set True to learn it.
+            learn_logvar=False,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            base_learning_rate=4.5e-6,
+            scale_lr=True,  # lr = global batch size x base_learning_rate (reference main.py)
+            b1=0.5,
+            b2=0.9,
+            eps=1.0e-8,
+            lr_g_factor=1.0,
+        )
+    )
+    c.data.image_size = 256
+    c.data.resize = 384
+    return c
+
+
+def shrink_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`runlocal`: same structure, CPU size (tiny channels, 32x32 images, 4 steps)."""
+    c.model.ch = 16
+    c.model.norm_groups = 4
+    c.model.num_res_blocks = 1
+    c.model.n_embed = min(c.model.n_embed, 64)
+    # Keep attention at the same levels: scale the attention resolutions with the image.
+    c.model.attn_resolutions = tuple(
+        max(1, r * 32 // c.model.resolution) for r in c.model.attn_resolutions
+    )
+    c.model.resolution = 32
+    c.loss.disc_ndf = 8
+    c.loss.disc_num_layers = min(c.loss.disc_num_layers, 2)
+    c.loss.disc_start = min(c.loss.disc_start, 2)
+    c.batch_size = 2
+    c.data.image_size = 32
+    c.data.resize = None
+    c.train.num_steps = 4
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 4
+    c.train.eval_examples = 8
+    c.train.eval_batch_size = 8
+    c.train.image_every = 4
+    c.train.num_image_rows = 2
+    return c

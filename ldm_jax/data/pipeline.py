@@ -1,0 +1,297 @@
+"""Training and evaluation iterators over a prepared dataset, per process.
+
+Determinism contract (multi-host runs rely on it): the GLOBAL batch k is the same whatever
+the process count. Epoch e visits the examples in `default_rng([seed, 0, e]).permutation(n)`;
+global batch k holds global positions [k*B, (k+1)*B) of the concatenated epochs; process p
+takes the contiguous slice [p*b, (p+1)*b) of it (b = B / process_count); the crop / flip /
+caption rng of the example at global position g is `default_rng([seed, 1, g])`. The
+iterator state is the next global batch index.
+"""
+
+import threading
+from types import SimpleNamespace
+
+import grain
+import ml_collections
+import numpy as np
+
+from ldm_jax.data import transforms
+from ldm_jax.data.datasets import Source, open_source
+from ldm_jax.errors import UserError
+
+_PERM_TAG, _EXAMPLE_TAG = 0, 1
+_REQUIRED = ("name", "image_size")
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+    """The `data` section of an experiment config, with every key the pipeline reads."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "digits",
+            "data_dir": ml_collections.FieldReference(None, field_type=str),
+            "train_split": "train",
+            "eval_split": "test",
+            "image_size": 32,
+            "resize": ml_collections.FieldReference(None, field_type=int),
+            "crop": "random",
+            "flip": False,
+            "prepare_if_missing": False,
+            "num_threads": 8,
+            "image_key": "image",
+            "label_key": "label",
+            "caption_key": "caption",
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def _settings(data_cfg) -> SimpleNamespace:
+    """Reads the config (ConfigDict, dataclass or dict) with defaults for optional keys."""
+    defaults = default_config().to_dict()
+    get = data_cfg.get if isinstance(data_cfg, dict) else lambda k, d: getattr(data_cfg, k, d)
+    for key in _REQUIRED:
+        if get(key, None) is None:
+            raise UserError(f"data config needs `{key}` (e.g. data.{key}={defaults[key]!r}).")
+    s = SimpleNamespace(**{k: get(k, v) for k, v in defaults.items()})
+    if s.crop not in ("random", "center"):
+        raise UserError(f"data.crop must be 'random' or 'center', got {s.crop!r}.")
+    if s.resize is not None and s.resize < s.image_size:
+        raise UserError(
+            f"data.resize={s.resize} is smaller than data.image_size={s.image_size}: the crop "
+            f"would not fit. Use data.resize >= {s.image_size} (or None to crop unresized)."
+        )
+    return s
+
+
+def _processes(global_batch_size, process_index, process_count) -> tuple[int, int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} not in [0, {process_count}).")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(
+            f"global batch size {global_batch_size} is not a positive multiple of the "
+            f"process count {process_count}; choose a batch size divisible by {process_count}."
+        )
+    return process_index, process_count, global_batch_size // process_count
+
+
+def _lookup(example: dict, key: str):
+    for part in key.split("/"):
+        example = example[part]
+    return example
+
+
+class _Reader:
+    """Turns (example index, rng) into a transformed uint8 example; shared by both iterators."""
+
+    def __init__(self, s: SimpleNamespace, source: Source, train: bool):
+        self.s, self.source, self.train = s, source, train
+        if not source.has_feature(s.image_key):
+            raise UserError(
+                f"Dataset '{source.name}' has no feature '{s.image_key}' (features: "
+                f"{', '.join(source.features.keys())}); set data.image_key."
+            )
+        self.label_key = s.label_key if s.label_key and source.has_feature(s.label_key) else None
+        self.caption_key = (
+            s.caption_key if s.caption_key and source.has_feature(s.caption_key) else None
+        )
+
+    def blank(self) -> dict:
+        """A padding example for eval (masked out)."""
+        size = self.s.image_size
+        out = {"image": np.zeros((size, size, 3), np.uint8)}
+        if self.label_key:
+            out["label"] = 0
+        if self.caption_key:
+            out["caption"] = ""
+        return out
+
+    def read(self, index: int, rng: np.random.Generator | None) -> dict:
+        s, example = self.s, self.source[index]
+        image = transforms.as_rgb(_lookup(example, s.image_key))
+        if s.resize is not None:
+            image = transforms.resize_smaller_side(image, s.resize)
+        h, w = image.shape[:2]
+        if min(h, w) < s.image_size:
+            raise UserError(
+                f"Example {index} of '{self.source.name}' is {h}x{w}, smaller than "
+                f"data.image_size={s.image_size}; set data.resize={s.image_size} to upscale "
+                "the smaller side before cropping."
+            )
+        if self.train and s.crop == "random":
+            image = transforms.random_crop(image, s.image_size, rng)
+        else:
+            image = transforms.center_crop(image, s.image_size)
+        if self.train and s.flip:
+            image = transforms.random_flip(image, rng)
+        out = {"image": np.ascontiguousarray(image)}
+        if self.label_key:
+            out["label"] = int(_lookup(example, self.label_key))
+        if self.caption_key:
+            caption = _lookup(example, self.caption_key)
+            if not isinstance(caption, str):  # several captions (e.g. COCO): pick one
+                caption = list(np.ravel(caption))
+                caption = (
+                    caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
+                )
+            out["caption"] = str(caption)
+        return out
+
+
+def _collate(examples) -> dict:
+    batch = {"image": transforms.to_float(np.stack([e["image"] for e in examples]))}
+    if "label" in examples[0]:
+        batch["label"] = np.array([e["label"] for e in examples], np.int32)
+    if "caption" in examples[0]:
+        batch["caption"] = np.array([e["caption"] for e in examples], dtype=object)
+    return batch
+
+
+def _batched(elements: grain.MapDataset, local_batch: int, num_threads: int):
+    """Ordered, threaded decode with about two batches read ahead."""
+    opts = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=2 * local_batch if num_threads else 0
+    )
+    return iter(elements.to_iter_dataset(opts).batch(local_batch, batch_fn=_collate))
+
+
+class TrainIterator:
+    """Infinite, shuffled, checkpointable batches for this process (see module docstring).
+
+    Batches: `image` float32 [b, S, S, 3] in [-1, 1]; `label` int32 [b] and `caption`
+    object (str) [b] when the dataset has them. With `prepare_if_missing`, only process 0
+    builds a missing project dataset (call `prepare` on process 0 before a multi-process run).
+    """
+
+    def __init__(
+        self, data_cfg, *, global_batch_size, seed, process_index=None, process_count=None
+    ):
+        s = _settings(data_cfg)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UserError(f"seed must be a non-negative int, got {seed!r}.")
+        p, count, local = _processes(global_batch_size, process_index, process_count)
+        source = open_source(
+            s.name, s.train_split, s.data_dir, prepare_if_missing=s.prepare_if_missing and p == 0
+        )
+        if not len(source):
+            raise UserError(f"{source!r} is empty.")
+        self._reader = _Reader(s, source, train=True)
+        self.seed, self.global_batch_size = int(seed), global_batch_size
+        self.process_index, self.process_count, self.local_batch_size = p, count, local
+        self.num_examples = len(source)
+        self._threads = s.num_threads
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._start(0)
+
+    @property
+    def has_labels(self) -> bool:
+        return self._reader.label_key is not None
+
+    @property
+    def has_captions(self) -> bool:
+        return self._reader.caption_key is not None
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:  # grain reads from several threads
+            if epoch not in self._perms:
+                rng = np.random.default_rng([self.seed, _PERM_TAG, epoch])
+                self._perms[epoch] = rng.permutation(self.num_examples)
+                for old in [e for e in self._perms if e < epoch - 1]:
+                    del self._perms[old]
+            return self._perms[epoch]
+
+    def global_position(self, step: int, row: int) -> int:
+        """Global position of row `row` of this process's part of global batch `step`."""
+        return step * self.global_batch_size + self.process_index * self.local_batch_size + row
+
+    def _element(self, j: int) -> dict:
+        g = self.global_position(j // self.local_batch_size, j % self.local_batch_size)
+        epoch, offset = divmod(g, self.num_examples)
+        rng = np.random.default_rng([self.seed, _EXAMPLE_TAG, g])
+        return self._reader.read(int(self._perm(epoch)[offset]), rng)
+
+    def _start(self, next_batch: int) -> None:
+        first = next_batch * self.local_batch_size
+        elements = grain.MapDataset.range(first, 2**62).map(self._element)
+        self._it = _batched(elements, self.local_batch_size, self._threads)
+        self._next_batch = next_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "next_batch": self._next_batch,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def set_state(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise UserError(
+                    f"data iterator state was saved with {key}={state[key]}, but this run uses "
+                    f"{getattr(self, key)}; the batch order would not continue. Use the saved "
+                    "value or start the data stream afresh."
+                )
+        self._start(int(state["next_batch"]))
+
+
+def eval_batches(
+    data_cfg,
+    *,
+    global_batch_size,
+    num_examples=None,
+    process_index=None,
+    process_count=None,
+    split=None,
+):
+    """Finite, deterministic batches over the first `num_examples` (all if None, capped at
+    the split size) of the eval split: no shuffle, center crop, no flip.
+
+    Global batch k holds examples [k*B, (k+1)*B), process p its slice [p*b, (p+1)*b); every
+    process yields the same number of batches, the last padded. `mask` (bool [b]) marks real
+    examples, so each example counts exactly once across processes.
+    """
+    s = _settings(data_cfg)
+    p, _, local = _processes(global_batch_size, process_index, process_count)
+    source = open_source(
+        s.name,
+        split or s.eval_split,
+        s.data_dir,
+        prepare_if_missing=s.prepare_if_missing and p == 0,
+    )
+    reader = _Reader(s, source, train=False)
+    total = len(source) if num_examples is None else min(int(num_examples), len(source))
+    steps = -(-total // global_batch_size)
+
+    def element(j: int) -> dict:
+        g = (j // local) * global_batch_size + p * local + j % local
+        out = reader.read(g, None) if g < total else reader.blank()
+        out["mask"] = g < total
+        return out
+
+    def collate(examples):
+        batch = _collate(examples)
+        batch["mask"] = np.array([e["mask"] for e in examples], bool)
+        return batch
+
+    def generate():
+        opts = grain.ReadOptions(
+            num_threads=s.num_threads, prefetch_buffer_size=2 * local if s.num_threads else 0
+        )
+        ds = grain.MapDataset.range(steps * local).map(element).to_iter_dataset(opts)
+        yield from ds.batch(local, batch_fn=collate)
+
+    return generate()

@@ -1,0 +1,196 @@
+"""Shared building blocks of the first-stage autoencoder (and a template for the UNet).
+
+Layout, semantics and submodule names follow the CompVis LDM reference
+(`ldm/modules/diffusionmodules/model.py`) so that importing PyTorch weights is a renaming:
+a torch path `down.0.block.1.norm1.weight` becomes `down_0_block_1/norm1/scale` here.
+
+Every parameter initialiser is wrapped in `nn.with_logical_partitioning`; the sharding
+rules that map these logical names onto mesh axes live in `ldm_jax.parallel`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's default Conv/Linear init: kaiming_uniform(a=sqrt(5)) == U(+-sqrt(1/fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
+CONV_BIAS_AXES = ("conv_out",)
+DENSE_KERNEL_AXES = ("embed", "mlp")
+DENSE_BIAS_AXES = ("mlp",)
+NORM_AXES = ("norm",)
+
+
+def swish(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    strides: int = 1,
+    padding: Any = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init=torch_default_init,
+    name: str | None = None,
+) -> nn.Conv:
+    """NHWC conv with logical axes; `padding=None` means the reference's k // 2 symmetric pad."""
+    if padding is None:
+        p = kernel_size // 2
+        padding = ((p, p), (p, p))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_BIAS_AXES),
+        name=name,
+    )
+
+
+def dense(
+    features: int,
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(torch_default_init, DENSE_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), DENSE_BIAS_AXES),
+        name=name,
+    )
+
+
+def group_norm(
+    num_groups: int = 32,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.GroupNorm:
+    # eps 1e-6 as the reference; two-pass variance because E[x^2]-E[x]^2 loses digits
+    # against torch when activations have a large mean.
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), NORM_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES),
+        name=name,
+    )
+
+
+class Downsample(nn.Module):
+    """Halves H and W: pad (0, 1, 0, 1) (right/bottom only), then 3x3 stride-2 VALID conv."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/2, W/2, C]
+        # The asymmetric pad is folded into the conv: lax pads with zeros like F.pad.
+        return conv(
+            self.channels,
+            3,
+            strides=2,
+            padding=((0, 1), (0, 1)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour x2, then 3x3 conv."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, 2H, 2W, C]
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+        return conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(
+            x
+        )
+
+
+class ResnetBlock(nn.Module):
+    """norm1 -> swish -> conv1 (+ temb_proj(swish(temb))) -> norm2 -> swish -> dropout -> conv2.
+
+    The skip is a 1x1 `nin_shortcut` (or 3x3 `conv_shortcut`) when channel counts differ.
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    conv_shortcut: bool = False
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:  # x [B, H, W, Cin], temb [B, T] -> [B, H, W, Cout]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(self.norm_groups, name="norm1", **kw)(x)
+        h = swish(h)
+        h = conv(self.out_channels, 3, name="conv1", **kw)(h)  # [B, H, W, Cout]
+        if temb is not None:
+            t = dense(self.out_channels, name="temb_proj", **kw)(swish(temb))  # [B, Cout]
+            h = h + t[:, None, None, :]
+        h = group_norm(self.norm_groups, name="norm2", **kw)(h)
+        h = swish(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv(self.out_channels, 3, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            if self.conv_shortcut:
+                x = conv(self.out_channels, 3, name="conv_shortcut", **kw)(x)
+            else:
+                x = conv(self.out_channels, 1, name="nin_shortcut", **kw)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over the H*W positions, with a residual."""
+
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H, W, C]
+        b, hh, ww, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(self.norm_groups, name="norm", **kw)(x)
+        q = conv(c, 1, name="q", **kw)(h).reshape(b, hh * ww, c)  # [B, N, C]
+        k = conv(c, 1, name="k", **kw)(h).reshape(b, hh * ww, c)  # [B, N, C]
+        v = conv(c, 1, name="v", **kw)(h).reshape(b, hh * ww, c)  # [B, N, C]
+        logits = jnp.einsum("bic,bjc->bij", q, k) * (c**-0.5)  # [B, N, N]
+        # Softmax in fp32: bf16 logits over thousands of positions lose the peak.
+        w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hh, ww, c)  # [B, H, W, C]
+        return x + conv(c, 1, name="proj_out", **kw)(out)

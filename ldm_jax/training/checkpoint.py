@@ -1,0 +1,117 @@
+"""Orbax checkpoints of a train state, its data-iterator position and its architecture.
+
+Each checkpoint holds three items: `state` (the sharded train-state pytree), `data` (the
+iterator position, JSON) and `meta` (stage and model config, JSON). Before restoring a
+state we compare `meta` with the current config, so a workdir that belongs to another
+architecture is reported, never silently overwritten or restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from ldm_jax.errors import UserError
+
+
+class CheckpointMismatchError(UserError):
+    """The workdir holds checkpoints of a different stage or architecture."""
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint exists but cannot be read."""
+
+
+def architecture(config) -> dict:
+    """What must match for a checkpoint to be resumable with this config."""
+    return {"stage": config.stage, "model": json.loads(config.model.to_json())}
+
+
+class Checkpointer:
+    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            save_decision_policy=None,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(architecture(config)),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def check_compatible(self, step: int, config) -> None:
+        path = self.directory / str(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+            raise CorruptCheckpointError(
+                f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Nothing was "
+                "changed: move it aside (or delete it) to resume from an earlier step, or "
+                "choose another --workdir."
+            ) from e
+        want = architecture(config)
+        if meta != want:
+            diffs = _diff(meta, want)
+            raise CheckpointMismatchError(
+                f"the workdir checkpoint {path} was written for a different architecture "
+                f"({'; '.join(diffs[:5])}). Use a new --workdir, or restore the original "
+                "config to resume it; nothing in the workdir was changed."
+            )
+
+    def restore(self, step: int, abstract_state):
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        path = self.directory / str(step)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). Nothing was "
+                "changed: move it aside (or delete it) to resume from an earlier step, or "
+                "choose another --workdir."
+            ) from e
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _diff(have, want, prefix="") -> list[str]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(have) | set(want)):
+            out += _diff(have.get(k), want.get(k), f"{prefix}{k}.")
+        return out
+    if have != want:
+        return [f"{prefix.rstrip('.')}: checkpoint {have!r}, config {want!r}"]
+    return []
+
+
+def abstract_with_shardings(tree, shardings):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

@@ -1,0 +1,250 @@
+"""The training loop both stages share.
+
+config -> data iterator -> task (model + loss + pure step) -> jitted sharded step ->
+(checkpoints, metrics, images, evaluation). The loop knows nothing about either stage:
+a task provides `init_state`, `train_step`, `eval_step`, `frozen_params`,
+`device_batch` and `sample_grid`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ldm_jax.data import datasets as datasets_lib
+from ldm_jax.data import pipeline
+from ldm_jax.errors import UserError
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training import outputs
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradients became NaN/Inf; the run stops, earlier checkpoints are kept."""
+
+
+def make_task(config):
+    if config.stage == "autoencoder":
+        from ldm_jax.training.autoencoder import AutoencoderTask
+
+        return AutoencoderTask(config)
+    raise UserError(f"unknown config.stage {config.stage!r}; valid: ['autoencoder']")
+
+
+def _check_batch(name: str, batch_size: int, mesh) -> None:
+    shards, procs = mesh_lib.batch_size_per_shard(mesh), jax.process_count()
+    if batch_size % shards or batch_size % procs:
+        raise UserError(
+            f"{name}={batch_size} must be divisible by the {shards} batch shards of the mesh "
+            f"{dict(mesh.shape)} and the {procs} processes; change {name} or config.mesh."
+        )
+
+
+def _prepare_data(config) -> None:
+    """Prepares the project's embedded datasets on process 0 if missing, then syncs."""
+    dc = config.data
+    if (
+        jax.process_index() == 0
+        and dc.prepare_if_missing
+        and dc.name in datasets_lib.PROJECT_DATASETS
+    ):
+        datasets_lib.prepare(dc.name, dc.data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ldm_jax:data_prepared")
+
+
+class Trainer:
+    def __init__(self, config, workdir):
+        self.config = config
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.is_lead = jax.process_index() == 0
+        self.task = make_task(config)
+        self.task.validate()
+        self.mesh = mesh_lib.make_mesh(config.mesh)
+        _check_batch("config.batch_size", config.batch_size, self.mesh)
+        _check_batch("config.train.eval_batch_size", config.train.eval_batch_size, self.mesh)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        self.replicated = mesh_lib.replicated(self.mesh)
+
+    # ----- helpers -----------------------------------------------------------------------
+    def _global_batch(self, local: dict) -> dict:
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local.items()
+        }
+
+    def _init_or_restore(self, ckpt, train_iter):
+        rng = jax.random.PRNGKey(self.config.seed)
+        init_rng, self.step_rng = jax.random.split(rng)
+        boxed = jax.eval_shape(self.task.init_state, init_rng)
+        self.state_shardings = mesh_lib.logical_to_sharding(boxed, self.mesh)
+        latest = ckpt.latest_step()
+        if latest is None:
+            init = jax.jit(
+                lambda r: nn.unbox(self.task.init_state(r)), out_shardings=self.state_shardings
+            )
+            return init(init_rng), 0
+        ckpt.check_compatible(latest, self.config)
+        abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), self.state_shardings)
+        state, data_state = ckpt.restore(latest, abstract)
+        train_iter.set_state(data_state)
+        if self.is_lead:
+            print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", flush=True)
+        return state, latest
+
+    def _check_finite(self, state, ckpt) -> int:
+        bad = int(jax.device_get(state.bad_step))
+        if bad >= 0 and self.config.train.on_nonfinite == "stop":
+            ckpt.wait()
+            last = ckpt.latest_step()
+            where = f"{ckpt.directory / str(last)}" if last is not None else "none was written"
+            raise NonFiniteLossError(
+                f"loss or gradients became NaN/Inf at step {bad}; stopping. The last good "
+                f"checkpoint is kept ({where}) and nothing after step {bad} was saved. Lower the "
+                "learning rate or set config.train.on_nonfinite='skip' to drop such updates."
+            )
+        return int(jax.device_get(state.skipped))
+
+    # ----- evaluation --------------------------------------------------------------------
+    def evaluate(self, state) -> dict:
+        tc = self.config.train
+        if not hasattr(self, "_eval_fn"):
+
+            def reduce(state, batch, frozen):
+                per_example = self.task.eval_step(state, batch, frozen)
+                mask = batch["mask"].astype(jnp.float32)
+                sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
+                return sums, jnp.sum(mask)
+
+            self._eval_fn = jax.jit(reduce, out_shardings=self.replicated)
+        totals, count = {}, 0.0
+        for local in pipeline.eval_batches(
+            self.config.data, global_batch_size=tc.eval_batch_size, num_examples=tc.eval_examples
+        ):
+            batch = self._global_batch(self.task.device_batch(local, with_mask=True))
+            sums, n = self._eval_fn(state, batch, self.frozen)
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += float(n)
+        return {k: v / max(count, 1.0) for k, v in totals.items()} | {"num_examples": count}
+
+    def save_samples(self, state, step: int, writer) -> pathlib.Path | None:
+        tc = self.config.train
+        rows = tc.num_image_rows
+        local = next(
+            iter(pipeline.eval_batches(self.config.data, global_batch_size=tc.eval_batch_size))
+        )
+        batch = self._global_batch(self.task.device_batch(local, with_mask=True))
+        grid_rows = self.task.sample_grid(state, batch, rows)  # list of [N, H, W, 3] uint8
+        if not self.is_lead:
+            return None
+        grid = outputs.image_grid(grid_rows)
+        path = self.workdir / "images" / f"{self.task.stage}_{step:07d}.png"
+        upscale = max(1, 256 // grid_rows[0].shape[1])
+        outputs.save_png(path, grid, upscale=min(upscale, 4))
+        writer.image(step, "samples", grid)
+        return path
+
+    # ----- the loop ----------------------------------------------------------------------
+    def run(self) -> dict:
+        config, tc = self.config, self.config.train
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _prepare_data(config)
+        train_iter = pipeline.TrainIterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed
+        )
+        ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tc.keep_checkpoints)
+        with jax.set_mesh(self.mesh):
+            state, start = self._init_or_restore(ckpt, train_iter)
+            self.frozen = jax.device_put(self.task.frozen_params(), self.replicated)
+            step_fn = jax.jit(
+                self.task.train_step,
+                in_shardings=(
+                    self.state_shardings,
+                    self.batch_sharding,
+                    self.replicated,
+                    self.replicated,
+                ),
+                out_shardings=(self.state_shardings, self.replicated),
+                donate_argnums=0,
+            )
+            writer = outputs.MetricWriter(self.workdir)
+            result = self._train(state, start, step_fn, train_iter, ckpt, writer)
+            writer.close()
+        ckpt.close()
+        return result
+
+    def _train(self, state, start, step_fn, train_iter, ckpt, writer) -> dict:
+        config, tc = self.config, self.config.train
+        num_steps = tc.num_steps
+        bar = tqdm(
+            total=num_steps,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.is_lead and tc.progress_bar),
+        )
+        t0, timed_steps, last_metrics, image_path = time.time(), 0, {}, None
+        t_first = None
+        for step in range(start, num_steps):
+            batch = self._global_batch(self.task.device_batch(next(train_iter)))
+            state, metrics = step_fn(state, batch, self.step_rng, self.frozen)
+            done = step + 1
+            if t_first is None:  # exclude compilation from the throughput figure
+                jax.block_until_ready(metrics)
+                t_first, timed_steps = time.time(), 0
+            else:
+                timed_steps += 1
+            bar.update(1)
+            is_last = done == num_steps
+            if done % tc.log_every == 0 or is_last:
+                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                skipped = self._check_finite(state, ckpt)
+                elapsed = time.time() - t_first
+                rate = timed_steps * config.batch_size / elapsed if timed_steps else 0.0
+                last_metrics |= {"skipped_steps": skipped, "images_per_sec": rate}
+                writer.scalars(done, last_metrics)
+                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", img_s=f"{rate:.1f}")
+            if done % tc.image_every == 0 or is_last:
+                image_path = self.save_samples(state, done, writer) or image_path
+            eval_metrics = None
+            if done % tc.eval_every == 0 or is_last:
+                eval_metrics = self.evaluate(state)
+                writer.scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                if self.is_lead:
+                    bar.write(f"step {done}: " + _fmt(eval_metrics))
+            if done % tc.checkpoint_every == 0 or is_last:
+                self._check_finite(state, ckpt)
+                ckpt.save(done, state, train_iter.get_state(), config, force=True)
+        bar.close()
+        ckpt.wait()
+        result = {
+            "stage": self.task.stage,
+            "step": num_steps,
+            "eval": eval_metrics if start < num_steps else self.evaluate(state),
+            "train": last_metrics,
+            "wall_seconds": time.time() - t0,
+            "workdir": str(self.workdir),
+            "checkpoint": str(ckpt.directory / str(ckpt.latest_step())),
+            "samples_png": str(image_path) if image_path else None,
+        }
+        if self.is_lead:
+            (self.workdir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def run(config, workdir) -> dict:
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the final metrics."""
+    return Trainer(config, workdir).run()

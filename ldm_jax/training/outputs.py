@@ -1,0 +1,66 @@
+"""What a run writes: TensorBoard events, a metrics log, image grids. Process 0 only."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] floats -> uint8, the same rounding everywhere in the project."""
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Rows of [N, H, W, 3] uint8 images -> one [R*(H+pad)+pad, N*(W+pad)+pad, 3] grid."""
+    n, h, w, c = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for i, img in enumerate(row):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def save_png(path: pathlib.Path, image: np.ndarray, upscale: int = 1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    img.save(path)
+
+
+class MetricWriter:
+    """Scalars and images to TensorBoard plus a JSON-lines log; a no-op off process 0."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.log = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        for k, v in clean.items():
+            self.tb.add_scalar(k, v, step)
+        self.log.write(json.dumps({"step": step, **clean}) + "\n")
+        self.log.flush()
+
+    def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
+        if self.active:
+            self.tb.add_image(tag, image_uint8, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
+            self.log.close()

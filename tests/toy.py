@@ -1,0 +1,24 @@
+"""Toy-size experiment configs shared by tests (full-size inits cost 13-45 s on CPU)."""
+
+from ldm_jax.config_loader import load_config
+
+
+def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_size: int = 8):
+    c = load_config("configs/autoencoder/quickstart.py:runlocal", lock=False)
+    c.model.type = kind
+    c.model.ch = 8
+    c.model.ch_mult = (1, 2)
+    c.model.norm_groups = 4
+    c.model.resolution = image_size
+    c.model.attn_resolutions = (image_size // 2,)
+    c.model.z_channels = 3
+    c.model.embed_dim = 3
+    c.model.double_z = kind == "kl"
+    c.model.n_embed = 16
+    c.loss.disc_ndf = 8
+    c.loss.disc_num_layers = 2
+    c.loss.disc_start = 0
+    c.loss.learn_logvar = True
+    c.batch_size = batch_size
+    c.data.image_size = image_size
+    return c
