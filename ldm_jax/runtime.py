@@ -6,10 +6,13 @@ import os
 import pathlib
 
 import jax
+from absl import logging as absl_logging
 
 
 def setup(cache_dir: str | None = None) -> None:
-    """Persistent compilation cache (a second run compiles in a fraction of the time)."""
+    """Persistent compilation cache (a second run compiles in a fraction of the time), and
+    quiet library logs (orbax reports every checkpoint phase at INFO)."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
     cache_dir = cache_dir or os.environ.get(
         "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "ldm_jax" / "xla")
     )

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import layers
+
 # LPIPS ScalingLayer constants: map [-1, 1] inputs to ImageNet-normalised VGG inputs.
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
@@ -44,7 +46,13 @@ class LPIPSVGG16(nn.Module):
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
             for k, c in enumerate(widths):
                 h = nn.relu(
-                    nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{s + 1}_{k + 1}")(h)
+                    nn.Conv(
+                        c,
+                        (3, 3),
+                        padding=((1, 1), (1, 1)),
+                        conv_general_dilated=layers.conv_general_dilated,
+                        name=f"conv{s + 1}_{k + 1}",
+                    )(h)
                 )
             f = _unit_normalize(h)  # [2B, h, w, C]
             d = (f[:b] - f[b:]) ** 2  # [B, h, w, C]
