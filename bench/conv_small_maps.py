@@ -41,13 +41,9 @@ def main():
         x = jax.random.normal(jax.random.PRNGKey(0), (b, s, s, c))
         w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o))
         dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        pad = ((1, 1), (1, 1))
-        xla = jax.jit(
-            lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
-        )
-        ours = jax.jit(
-            lambda x, w: layers.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
-        )
+        kw = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=dn)
+        xla = jax.jit(functools.partial(lax.conv_general_dilated, **kw))
+        ours = jax.jit(functools.partial(layers.conv_general_dilated, **kw))
         t_xla, t_ours = best_time(xla, x, w), best_time(ours, x, w)
         name = f"[{b},{s},{s},{c}]->{o}"
         print(f"{name:>28} {t_xla * 1e3:12.2f} {t_ours * 1e3:11.2f} {t_xla / t_ours:8.1f}x")
