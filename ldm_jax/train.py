@@ -33,6 +33,9 @@ def main(argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     print(f"done: step {result['step']} in {result['workdir']}")
     print(f"metrics: {result['workdir']}/metrics.json")
 

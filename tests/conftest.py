@@ -22,3 +22,17 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Both embedded datasets, prepared once per test session."""
+    from ldm_jax.data.datasets import prepare
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    prepare("digits", path)
+    prepare("photo_crops", path)
+    return path

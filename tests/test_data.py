@@ -13,17 +13,8 @@ from sklearn.datasets import load_digits
 
 from ldm_jax.data import TrainIterator, default_config, eval_batches, open_source, transforms
 from ldm_jax.data.builders import digits, photo_crops
-from ldm_jax.data.datasets import prepare
 from ldm_jax.data.prepare import main as prepare_main
 from ldm_jax.errors import DatasetNotPreparedError, UserError
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    prepare("digits", path)
-    prepare("photo_crops", path)
-    return path
 
 
 def _digits_cfg(data_dir, **kw):

@@ -203,7 +203,6 @@ class Trainer:
                 t_first, timed_steps = time.time(), 0
             else:
                 timed_steps += 1
-            bar.update(1)
             is_last = done == num_steps
             if done % tc.log_every == 0 or is_last:
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -212,6 +211,8 @@ class Trainer:
                 rate = timed_steps * config.batch_size / elapsed if timed_steps else 0.0
                 last_metrics |= {"skipped_steps": skipped, "images_per_sec": rate}
                 writer.scalars(done, last_metrics)
+                # Steps are dispatched asynchronously; the bar moves only when they are done.
+                bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", img_s=f"{rate:.1f}")
             if done % tc.image_every == 0 or is_last:
                 image_path = self.save_samples(state, done, writer) or image_path
