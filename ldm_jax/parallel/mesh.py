@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", None),
     ("mlp", None),
     ("heads", None),
+    ("vocab", None),
     ("norm", None),
     ("codebook", None),
     ("latent", None),

@@ -81,7 +81,7 @@ class AutoencoderTask:
         keys = ("image", "mask") if with_mask else ("image",)
         return {k: batch[k] for k in keys}
 
-    def sample_grid(self, state, batch, rows: int) -> list:
+    def sample_grid(self, state, batch, rows: int, frozen=None) -> list:
         """Originals over their reconstructions, `rows` images each: [orig, recon]."""
         recon = jax.jit(self.reconstruct)(state, batch["image"])
         take = lambda a: outputs.to_uint8(multihost_utils.process_allgather(a, tiled=True)[:rows])

@@ -27,21 +27,42 @@ class CorruptCheckpointError(UserError):
 
 def architecture(config) -> dict:
     """What must match for a checkpoint to be resumable with this config."""
-    return {"stage": config.stage, "model": json.loads(config.model.to_json())}
+    arch = {"stage": config.stage, "model": json.loads(config.model.to_json())}
+    if "cond" in config:
+        arch["cond"] = json.loads(config.cond.to_json())
+    return arch
+
+
+def metadata(config) -> dict:
+    """The `meta` item: the architecture (compared on resume) and the whole config (read
+    by commands that rebuild a run from its checkpoint, e.g. sampling)."""
+    return {**architecture(config), "config": json.loads(config.to_json())}
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        keep: int,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=async_save,
+            read_only=read_only,
             save_decision_policy=None,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+
+    def read_metadata(self, step: int) -> dict:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return meta["meta"]
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -50,15 +71,14 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(architecture(config)),
+            meta=ocp.args.JsonSave(metadata(config)),
         )
         return self.manager.save(step, args=args, force=force)
 
     def check_compatible(self, step: int, config) -> None:
         path = self.directory / str(step)
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            meta = meta["meta"]
+            meta = self.read_metadata(step)
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
             raise CorruptCheckpointError(
                 f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Nothing was "
@@ -66,6 +86,7 @@ class Checkpointer:
                 "choose another --workdir."
             ) from e
         want = architecture(config)
+        meta = {k: v for k, v in meta.items() if k != "config"}
         if meta != want:
             diffs = _diff(meta, want)
             raise CheckpointMismatchError(

@@ -36,7 +36,11 @@ def make_task(config):
         from ldm_jax.training.autoencoder import AutoencoderTask
 
         return AutoencoderTask(config)
-    raise UserError(f"unknown config.stage {config.stage!r}; valid: ['autoencoder']")
+    if config.stage == "diffusion":
+        from ldm_jax.training.diffusion import DiffusionTask
+
+        return DiffusionTask(config)
+    raise UserError(f"unknown config.stage {config.stage!r}; valid: ['autoencoder', 'diffusion']")
 
 
 def _check_batch(name: str, batch_size: int, mesh) -> None:
@@ -91,7 +95,17 @@ class Trainer:
             init = jax.jit(
                 lambda r: nn.unbox(self.task.init_state(r)), out_shardings=self.state_shardings
             )
-            return init(init_rng), 0
+            state = init(init_rng)
+            if hasattr(self.task, "initialize_from_batch"):
+                # e.g. scale_by_std: statistics of the first training batch; the iterator is
+                # rewound so that training still starts with that batch.
+                first = train_iter.get_state()
+                batch = self._global_batch(self.task.device_batch(next(train_iter)))
+                train_iter.set_state(first)
+                state = jax.jit(
+                    self.task.initialize_from_batch, out_shardings=self.state_shardings
+                )(state, batch, self.frozen, jax.random.fold_in(init_rng, 1))
+            return state, 0
         ckpt.check_compatible(latest, self.config)
         abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), self.state_shardings)
         state, data_state = ckpt.restore(latest, abstract)
@@ -143,7 +157,9 @@ class Trainer:
             iter(pipeline.eval_batches(self.config.data, global_batch_size=tc.eval_batch_size))
         )
         batch = self._global_batch(self.task.device_batch(local, with_mask=True))
-        grid_rows = self.task.sample_grid(state, batch, rows)  # list of [N, H, W, 3] uint8
+        grid_rows = self.task.sample_grid(
+            state, batch, rows, self.frozen
+        )  # list of [N, H, W, 3] uint8
         if not self.is_lead:
             return None
         grid = outputs.image_grid(grid_rows)
@@ -163,8 +179,8 @@ class Trainer:
         )
         ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tc.keep_checkpoints)
         with jax.set_mesh(self.mesh):
-            state, start = self._init_or_restore(ckpt, train_iter)
             self.frozen = jax.device_put(self.task.frozen_params(), self.replicated)
+            state, start = self._init_or_restore(ckpt, train_iter)
             step_fn = jax.jit(
                 self.task.train_step,
                 in_shardings=(

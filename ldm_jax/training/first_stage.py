@@ -1,0 +1,100 @@
+"""The frozen first stage that a diffusion run encodes with and decodes through.
+
+A diffusion config names an autoencoder *workdir* (`config.first_stage.workdir`) and
+optionally a step; the architecture comes from that checkpoint's own metadata, so the
+autoencoder can never be rebuilt with the wrong shapes. Only the autoencoder's
+parameters are read (orbax partial restore), not its discriminator or optimizer state.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from ldm_jax.errors import UserError
+from ldm_jax.models import autoencoder as ae_models
+
+
+class FirstStage:
+    def __init__(self, fs_cfg):
+        self.workdir = pathlib.Path(fs_cfg.workdir).expanduser().absolute()
+        ckpt_dir = self.workdir / "checkpoints"
+        train_cmd = (
+            "python -m ldm_jax.train --config configs/autoencoder/<experiment>.py "
+            f"--workdir {self.workdir}"
+        )
+        if not ckpt_dir.is_dir():
+            raise UserError(
+                f"config.first_stage.workdir={self.workdir} holds no autoencoder checkpoints "
+                f"({ckpt_dir} is missing). Train the first stage there first: {train_cmd}"
+            )
+        self.manager = ocp.CheckpointManager(
+            ckpt_dir,
+            options=ocp.CheckpointManagerOptions(read_only=True),
+            item_names=("state", "data", "meta"),
+        )
+        steps = self.manager.all_steps()
+        step = fs_cfg.get("step", None)
+        step = (max(steps) if steps else None) if step in (None, -1) else int(step)
+        if step is None or step not in steps:
+            raise UserError(
+                f"no autoencoder checkpoint at step {step} in {ckpt_dir} (steps there: "
+                f"{sorted(steps)}); set config.first_stage.step to one of them or -1 (latest)."
+            )
+        self.step, self.path = step, ckpt_dir / str(step)
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta["meta"]
+        if meta.get("stage") != "autoencoder":
+            raise UserError(
+                f"{self.path} is a {meta.get('stage')!r} checkpoint, not an autoencoder; point "
+                "config.first_stage.workdir at a first-stage run."
+            )
+        self.model_cfg = ml_collections.ConfigDict(meta["model"])
+        self.model = ae_models.from_config(self.model_cfg)
+        self.kind = self.model_cfg.type
+        self.factor = ae_models.downsampling_factor(self.model_cfg)
+        self.latent_channels = self.model_cfg.embed_dim
+
+    def load_params(self):
+        """The autoencoder's parameters (host arrays), read from the checkpoint."""
+        size = 8 * self.factor
+        x = jax.ShapeDtypeStruct((1, size, size, self.model_cfg.in_channels), jnp.float32)
+        rngs = {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)}
+        abstract = nn.unbox(jax.eval_shape(lambda x: self.model.init(rngs, x), x))["params"]
+        target = {"gen_params": {"model": abstract}}
+        try:
+            out = self.manager.restore(
+                self.step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=target, partial_restore=True)
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+            raise UserError(
+                f"cannot read the autoencoder parameters from {self.path} "
+                f"({type(e).__name__}: {e})."
+            ) from e
+        return out["state"]["gen_params"]["model"]
+
+    # ----- pure functions used inside jitted steps ---------------------------------------
+    def encode(self, params, images, rng):
+        """images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, c] (unscaled).
+
+        KL: a sample of the posterior (the reference trains on samples); VQ: the
+        pre-quantisation encoding (quantised again when decoding, as LDM does).
+        """
+        if self.kind == "kl":
+            posterior = self.model.apply({"params": params}, images, method="encode")
+            return jax.lax.stop_gradient(posterior.sample(rng))
+        h = self.model.apply({"params": params}, images, method="encode")
+        return jax.lax.stop_gradient(h)
+
+    def decode(self, params, latents):
+        """latents (unscaled) -> images [B, H, W, 3] clipped to [-1, 1]."""
+        x = self.model.apply({"params": params}, latents, method="decode")
+        return jnp.clip(x, -1.0, 1.0)
