@@ -36,3 +36,23 @@ def data_dir(tmp_path_factory):
     prepare("digits", path)
     prepare("photo_crops", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder_run(tmp_path_factory, data_dir):
+    """The tiny autoencoder trained by the real CLI for 2 steps, then resumed to 4.
+
+    Returns (workdir, first run, resumed run); diffusion tests use it as their first stage.
+    """
+    from toy import AE_CONFIG, run_module
+
+    workdir = tmp_path_factory.mktemp("ae") / "run"
+    common = [
+        f"--config={AE_CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.progress_bar=False",
+    ]
+    first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
+    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4")
+    return workdir, first, second

@@ -1,35 +1,24 @@
 """The real training CLI in a subprocess: train, resume, and every bad-input error."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
+from toy import AE_CONFIG as CONFIG
+from toy import run_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = "configs/autoencoder/quickstart.py:runlocal"
 
-
-def run_cli(workdir, data_dir, *overrides, check=True):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device, fast compiles
-    cmd = [
-        sys.executable,
-        "-m",
+def run_cli(workdir, data_dir, *overrides, check=True, config=CONFIG):
+    return run_module(
         "ldm_jax.train",
-        f"--config={CONFIG}",
+        f"--config={config}",
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         "--config.train.progress_bar=False",
         *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+        check=check,
+    )
 
 
 def listing(path: pathlib.Path) -> dict:
@@ -41,12 +30,8 @@ def listing(path: pathlib.Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """2 steps, then resumed to 4: the workdir other tests start from."""
-    workdir = tmp_path_factory.mktemp("cli") / "run"
-    first = run_cli(workdir, data_dir, "--config.train.num_steps=2")
-    second = run_cli(workdir, data_dir, "--config.train.num_steps=4")
-    return workdir, first, second
+def trained(tiny_autoencoder_run):
+    return tiny_autoencoder_run
 
 
 def test_train_two_steps_then_resume_to_four(trained):

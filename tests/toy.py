@@ -1,5 +1,10 @@
 """Toy-size experiment configs shared by tests (full-size inits cost 13-45 s on CPU)."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 from ldm_jax.config_loader import load_config
 
 
@@ -22,3 +27,18 @@ def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_siz
     c.batch_size = batch_size
     c.data.image_size = image_size
     return c
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+AE_CONFIG = "configs/autoencoder/quickstart.py:runlocal"
+
+
+def run_module(module, *args, check=True):
+    """`python -m module args` from the project root on one CPU device, as a user runs it."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device, fast compiles
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

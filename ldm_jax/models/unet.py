@@ -223,6 +223,13 @@ def _plan(m: UNetModel) -> tuple[list[_Block], _Block, list[_Block]]:
 
 
 class UNetModel(nn.Module):
+    """openaimodel.UNetModel: __call__(x [B, H, W, in], t [B], context, y) -> [B, H, W, out].
+
+    context [B, L, context_dim] feeds every SpatialTransformer's cross-attention; y [B]
+    are class ids for `label_emb` (added to the time embedding). Defaults are the
+    reference constructor's; H and W must be divisible by 2**(len(channel_mult) - 1).
+    """
+
     in_channels: int
     out_channels: int
     model_channels: int

@@ -51,6 +51,8 @@ _VQ4_UNCOND = dict(
     num_head_channels=32,
 )  # fmt: skip
 
+# Stable Diffusion v1/v2 (and the txt2img-1p4B layout): latent 64 = 512 px; the YAMLs'
+# image_size 32 is marked unused there.
 _SD = dict(
     image_size=64, in_channels=4, out_channels=4, model_channels=320,
     attention_resolutions=(4, 2, 1), num_res_blocks=2, channel_mult=(1, 2, 4, 4),
@@ -80,7 +82,7 @@ PAPER_UNETS: dict[str, dict] = {
         context_dim=512,
     ),
     # LDM-KL-8 text-to-image with the 1.4B-parameter model (BERT context 1280).
-    "txt2img-1p4B": dict(_SD, num_heads=8, context_dim=1280),
+    "txt2img-1p4B": dict(_SD, image_size=32, num_heads=8, context_dim=1280),
     "sd-v1": dict(_SD, num_heads=8, context_dim=768),
     # The reference runs SD v2 in fp16 (use_fp16: True); dtype is a runtime choice here.
     "sd-v2": dict(_SD, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),

@@ -17,8 +17,13 @@ def all_finite(*trees) -> jax.Array:
 
 
 def select_tree(pred, on_true, on_false):
-    """Element-wise `pred ? on_true : on_false` over two trees of equal structure."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+    """`pred ? on_true : on_false` for two trees of equal structure (pred a scalar).
+
+    A `lax.cond`, not a `jnp.where` per leaf: XLA fuses a per-leaf select with the
+    computation of its inputs and, with a predicate that depends on every gradient,
+    compiles the diffusion step 3-4x slower (45 s vs 13 s for the toy UNet on CPU).
+    """
+    return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
 
 
 def record_nonfinite(bad_step, step, finite):

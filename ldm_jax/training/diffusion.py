@@ -1,0 +1,304 @@
+"""Second stage: a UNet trained with the DDPM objective on a frozen autoencoder's latents.
+
+batch -> first stage encode (x scale_factor) -> q_sample(t, noise) -> UNet(z_t [+ concat],
+t, context/y from the conditioner, with CFG dropout) -> eps / x0 / v loss -> AdamW ->
+EMA of the UNet (LDM warm-up: decay_n = min(decay, (1 + n) / (10 + n))).
+Sampling runs one jitted lax loop (samplers in ldm_jax.diffusion) on the EMA weights,
+with classifier-free guidance, then decodes through the first stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from ldm_jax.diffusion import guidance, objectives, samplers, schedules
+from ldm_jax.errors import UserError
+from ldm_jax.models import unet_configs
+from ldm_jax.training import outputs
+from ldm_jax.training import state as state_lib
+from ldm_jax.training.conditioner import Conditioner
+from ldm_jax.training.first_stage import FirstStage
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+
+
+@flax.struct.dataclass
+class DiffusionState:
+    step: jax.Array  # int32 []
+    params: Any  # {'unet': ..., 'cond': ... (trainable conditioning encoder, may be empty)}
+    opt_state: Any
+    ema_params: Any  # EMA of params['unet']
+    scale_factor: jax.Array  # float32 []: latents are multiplied by it before diffusion
+    bad_step: jax.Array
+    skipped: jax.Array
+
+
+def ema_decay(step, decay: float):
+    """The reference LitEma warm-up: min(decay, (1 + n) / (10 + n))."""
+    n = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+class DiffusionTask:
+    stage = "diffusion"
+
+    def __init__(self, config):
+        self.config = config
+        if config.conditioning_key not in CONDITIONING_KEYS:
+            raise UserError(
+                f"unknown config.conditioning_key {config.conditioning_key!r}; "
+                f"valid: {list(CONDITIONING_KEYS)}"
+            )
+        self.first_stage = FirstStage(config.first_stage)
+        self.cond = Conditioner(config.cond, config.conditioning_key)
+        self.sched = schedules.make_schedule(config.diffusion)
+        self.concat = config.conditioning_key in ("concat", "hybrid")
+        self.unet = unet_configs.from_config(self._unet_cfg())
+        lr = config.optim.base_learning_rate * (config.batch_size if config.optim.scale_lr else 1)
+        self.learning_rate = lr
+        schedule = optax.linear_schedule(
+            0.0 if config.optim.warmup_steps else lr, lr, max(config.optim.warmup_steps, 1)
+        )
+        self.tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
+
+    def _unet_cfg(self):
+        u = self.config.model.copy_and_resolve_references()
+        c = self.first_stage.latent_channels
+        with u.unlocked():
+            u.in_channels = c + (3 if self.concat else 0)
+            u.out_channels = c
+            u.context_dim = self.cond.context_dim
+            if self.config.conditioning_key == "adm":
+                u.num_classes = self.cond.n_classes + 1  # the last id is the null class
+        return u
+
+    def validate(self) -> None:
+        size, f = self.config.data.image_size, self.first_stage.factor
+        down = 2 ** (len(self.config.model.channel_mult) - 1)
+        if size % (f * down):
+            raise UserError(
+                f"config.data.image_size={size} must be divisible by the first stage's f={f} "
+                f"times the UNet's downsampling {down}; use a multiple of {f * down}."
+            )
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.data.image_size // self.first_stage.factor
+
+    # ----- state -------------------------------------------------------------------------
+    def frozen_params(self):
+        return {"first_stage": self.first_stage.load_params(), **self.cond.frozen_params()}
+
+    def init_state(self, rng) -> DiffusionState:
+        s, c = self.latent_size, self.unet.in_channels
+        r_unet, r_cond = jax.random.split(rng)
+        x = jnp.zeros((1, s, s, c), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        context = None
+        if self.cond.context_dim is not None:
+            context = jnp.zeros((1, 1, self.cond.context_dim), jnp.float32)
+        y = jnp.zeros((1,), jnp.int32) if self.config.conditioning_key == "adm" else None
+        unet_params = self.unet.init(r_unet, x, t, context=context, y=y)["params"]
+        params = {"unet": unet_params, "cond": self.cond.init(r_cond)}
+        return DiffusionState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            ema_params=unet_params,
+            scale_factor=jnp.asarray(self.config.diffusion.scale_factor, jnp.float32),
+            bad_step=-jnp.ones((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def initialize_from_batch(self, state, batch, frozen, rng):
+        """scale_by_std: scale_factor = 1 / std(z) of the first training batch (fresh runs
+        only; a restored state keeps the value it was trained with)."""
+        if not self.config.diffusion.scale_by_std:
+            return state
+        z = self.first_stage.encode(frozen["first_stage"], batch["image"], rng)
+        return state.replace(scale_factor=1.0 / jnp.std(z))
+
+    def device_batch(self, batch: dict, with_mask: bool = False) -> dict:
+        out = {"image": batch["image"], **self.cond.host_inputs(batch)}
+        if with_mask:
+            out["mask"] = batch["mask"]
+        return out
+
+    # ----- training ----------------------------------------------------------------------
+    def _dense(self, images):
+        """The concat condition: the image at latent resolution (low-res conditioning)."""
+        b, s = images.shape[0], self.latent_size
+        return jax.image.resize(images, (b, s, s, images.shape[-1]), "bilinear", antialias=True)
+
+    def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng=None):
+        context, y = self.cond.embed(cond_params, frozen, inputs)
+        if self.concat:
+            z_t = jnp.concatenate([z_t, self._dense(images)], axis=-1)
+        rngs = {"dropout": rng} if rng is not None else {}
+        return self.unet.apply(
+            {"params": unet_params}, z_t, t, context=context, y=y, train=train, rngs=rngs
+        )
+
+    def train_step(self, state: DiffusionState, batch, rng, frozen):
+        dc = self.config.diffusion
+        rng = jax.random.fold_in(rng, state.step)
+        r_enc, r_t, r_noise, r_cfg, r_drop = jax.random.split(rng, 5)
+        images = batch["image"]
+        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
+        t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
+        noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
+        z_t = objectives.q_sample(self.sched, z0, t, noise)
+        inputs = {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
+        inputs = self.cond.drop(inputs, r_cfg, self.config.cond.drop_rate)
+
+        def loss_fn(params):
+            out = self._apply(
+                params["unet"], params["cond"], frozen, z_t, t, inputs, images, True, r_drop
+            )
+            loss, _ = objectives.diffusion_loss(
+                self.sched,
+                out,
+                z0,
+                noise,
+                t,
+                parameterization=dc.parameterization,
+                loss_type=dc.loss_type,
+                min_snr_gamma=dc.min_snr_gamma,
+            )
+            return loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step, self.config.ema.decay)
+        ema = jax.tree_util.tree_map(
+            lambda e, p: e - (1.0 - decay) * (e - p), state.ema_params, params["unet"]
+        )
+        finite = state_lib.all_finite(loss, grads)
+        candidate = state.replace(params=params, opt_state=opt_state, ema_params=ema)
+        new_state = state_lib.select_tree(finite, candidate, state).replace(
+            step=state.step + 1,
+            bad_step=state_lib.record_nonfinite(state.bad_step, state.step, finite),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "ema_decay": decay,
+            "scale_factor": state.scale_factor,
+            "grad_norm": state_lib.tree_norm(grads),
+            "param_norm": state_lib.tree_norm(state.params),
+            "update_norm": state_lib.tree_norm(updates),
+            "latent_std": jnp.std(z0),
+            "finite": finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    # ----- evaluation and sampling -------------------------------------------------------
+    def eval_step(self, state: DiffusionState, batch, frozen):
+        """Per-example diffusion loss of the EMA UNet at fixed random t and noise."""
+        rng = jax.random.PRNGKey(1234)
+        r_enc, r_t, r_noise = jax.random.split(rng, 3)
+        images = batch["image"]
+        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
+        t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
+        noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
+        z_t = objectives.q_sample(self.sched, z0, t, noise)
+        inputs = {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
+        out = self._apply(
+            state.ema_params, state.params["cond"], frozen, z_t, t, inputs, images, False
+        )
+        _, per_example = objectives.diffusion_loss(
+            self.sched,
+            out,
+            z0,
+            noise,
+            t,
+            parameterization=self.config.diffusion.parameterization,
+            loss_type=self.config.diffusion.loss_type,
+        )
+        return {"loss": per_example}
+
+    def sample(self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None):
+        """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1].
+
+        `inputs` are device conditioning inputs (e.g. from `cond.labels_inputs`);
+        `shape` (B, h, w, c) of the latents may exceed the trained latent size
+        (convolutional sampling); `images` feed a concat condition.
+        """
+        sc = sampling or self.config.sampling
+        sampler = samplers.get_sampler(sc.sampler)
+        b = shape[0]
+        uncond = {k: jnp.asarray(v) for k, v in self.cond.null_inputs(b).items()}
+
+        def model_fn(x, t, c):
+            dense_images = None
+            if self.concat:
+                dense_images = jnp.concatenate([images] * (x.shape[0] // b), axis=0)
+            return self._apply(
+                state.ema_params, state.params["cond"], frozen, x, t, c, dense_images, False
+            )
+
+        if inputs and sc.guidance_scale != 1.0:
+            fn = guidance.guided_model_fn(model_fn, inputs, uncond, float(sc.guidance_scale))
+        else:
+            fn = lambda x, t: model_fn(x, t, inputs)  # noqa: E731
+        opts = {}
+        if sc.sampler != "ddpm":
+            opts["num_steps"] = int(sc.steps)
+        if sc.sampler == "ddim":
+            opts["eta"] = float(sc.eta)
+        z = sampler(
+            fn,
+            self.sched,
+            shape,
+            rng,
+            parameterization=self.config.diffusion.parameterization,
+            **opts,
+        )
+        return self.first_stage.decode(frozen["first_stage"], z / state.scale_factor)
+
+    def sample_grid(self, state, batch, rows: int, frozen) -> list:
+        """Rows of samples, one column per condition: classes 0.. for class models, the
+        eval batch's captions (text) or low-res images (concat, shown as the first row)."""
+        sc = self.config.sampling
+        cols = rows if self.cond.kind != "class" else min(rows, self.cond.n_classes)
+        inputs = {}
+        if self.cond.kind == "class":
+            inputs = self.cond.labels_inputs(np.arange(cols))
+        elif self.cond.kind in ("text", "text_frozen"):
+            inputs = {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
+        grid = []
+        if self.concat or self.cond.kind in ("text", "text_frozen"):
+            grid.append(outputs.to_uint8(_gather(batch["image"])[:cols]))
+        fn = self._sampler_fn(cols)
+        for r in range(sc.grid_rows):
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 17), r)
+            x = fn(state, frozen, inputs, batch["image"], rng)
+            grid.append(outputs.to_uint8(_gather(x)))
+        return grid
+
+    def _sampler_fn(self, n: int):
+        """A jitted sampler for n samples (cached: one compile per n)."""
+        cache = self.__dict__.setdefault("_sampler_cache", {})
+        if n not in cache:
+            s, c = self.latent_size, self.first_stage.latent_channels
+
+            def fn(state, frozen, inputs, images, rng):
+                inputs = {k: v[:n] for k, v in inputs.items()}
+                return self.sample(
+                    state, frozen, inputs, rng, images=images[:n], shape=(n, s, s, c)
+                )
+
+            cache[n] = jax.jit(fn)
+        return cache[n]
+
+
+def _gather(x):
+    return multihost_utils.process_allgather(x, tiled=True)

@@ -1,0 +1,131 @@
+"""The second stage end to end: train through the CLI, resume, sample, and bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy import run_module
+
+from ldm_jax.training.diffusion import ema_decay
+
+CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
+
+
+def test_ema_decay_warmup_closed_form():
+    steps = jnp.array([0, 1, 10, 100, 10**6])
+    want = np.minimum(
+        0.9999, (1 + np.array([0, 1, 10, 100, 10**6])) / (10 + np.array([0, 1, 10, 100, 10**6]))
+    )
+    np.testing.assert_allclose(jax.vmap(lambda s: ema_decay(s, 0.9999))(steps), want, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run):
+    ae_workdir = tiny_autoencoder_run[0]
+    workdir = tmp_path_factory.mktemp("ldm") / "run"
+    common = [
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.first_stage.workdir={ae_workdir}",
+        "--config.train.progress_bar=False",
+    ]
+    first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
+    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4")
+    return workdir, first, second
+
+
+def test_train_two_steps_then_resume(diffusion_run):
+    workdir, _, second = diffusion_run
+    assert f"resumed from {workdir}/checkpoints/2 (step 2)" in second.stdout
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["stage"] == "diffusion" and metrics["step"] == 4
+    assert np.isfinite(metrics["eval"]["loss"])
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    scale = {r["scale_factor"] for r in rows if "scale_factor" in r}
+    assert len(scale) == 1 and next(iter(scale)) != 1.0  # scale_by_std, kept on resume
+
+
+def test_sample_command_writes_grid_and_npz(diffusion_run):
+    workdir = diffusion_run[0]
+    out = workdir / "samples_test"
+    run_module(
+        "ldm_jax.sample",
+        f"--workdir={workdir}",
+        "--labels=0,3,9",
+        "--num_per_condition=2",
+        "--steps=4",
+        "--guidance=2.0",
+        f"--out={out}",
+    )
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (6, 32, 32, 3) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 0, 3, 3, 9, 9]
+    assert (out / "samples.png").is_file()
+
+
+def test_sample_command_bad_input(diffusion_run):
+    workdir = diffusion_run[0]
+    bad_sampler = run_module(
+        "ldm_jax.sample", f"--workdir={workdir}", "--labels=1", "--sampler=euler", check=False
+    )
+    assert bad_sampler.returncode != 0 and "ddim" in bad_sampler.stderr
+    bad_label = run_module("ldm_jax.sample", f"--workdir={workdir}", "--labels=10", check=False)
+    assert bad_label.returncode != 0 and "10" in bad_label.stderr
+
+
+def test_missing_first_stage_is_a_clear_error(tmp_path, data_dir):
+    proc = run_module(
+        "ldm_jax.train",
+        f"--config={CONFIG}",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.first_stage.workdir={tmp_path / 'nowhere'}",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "holds no autoencoder checkpoints" in proc.stderr and "nowhere" in proc.stderr
+
+
+def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir):
+    import functools
+
+    from flax import linen as nn
+
+    from ldm_jax.config_loader import load_config
+    from ldm_jax.parallel import mesh as mesh_lib
+    from ldm_jax.training.diffusion import DiffusionTask
+
+    config = load_config(CONFIG, lock=False)
+    config.first_stage.workdir = str(tiny_autoencoder_run[0])
+    config.batch_size = 8
+    task = DiffusionTask(config)
+    frozen = task.frozen_params()
+    state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))
+    batch = {
+        "image": jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3), minval=-1),
+        "label": jnp.arange(8, dtype=jnp.int32) % 10,
+    }
+    rng = jax.random.PRNGKey(2)
+    one = jax.device_get(jax.jit(task.train_step)(state, batch, rng, frozen))
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    assert mesh.shape["data"] == 8
+    shardings = mesh_lib.logical_to_sharding(jax.eval_shape(task.init_state, rng), mesh)
+    rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        step = jax.jit(
+            task.train_step,
+            in_shardings=(shardings, data, rep, rep),
+            out_shardings=(shardings, rep),
+        )
+        batch8 = jax.device_put(batch, data)
+        assert len(batch8["image"].sharding.device_set) == 8
+        eight = jax.device_get(step(jax.device_put(state, shardings), batch8, rng, frozen))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(close, one[0].params, eight[0].params)
+    jax.tree_util.tree_map(close, one[0].ema_params, eight[0].ema_params)
+    for k in one[1]:
+        close(one[1][k], eight[1][k], err_msg=k)
