@@ -256,3 +256,53 @@ def shrink_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sampling.steps = 5
     c.sampling.grid_rows = 1
     return c
+
+
+def paper_ldm_config(
+    unet: str,
+    *,
+    first_stage: str,
+    base_learning_rate: float,
+    batch_size: int,
+    dataset: str,
+    linear_start: float = 0.0015,
+    linear_end: float = 0.0195,
+    loss_type: str = "l2",
+) -> ml_collections.ConfigDict:
+    """A paper LDM experiment: UNet from `unet_configs.PAPER_UNETS[unet]`, first stage from
+    `runs/<first_stage>` (train it with configs/autoencoder/<first_stage>.py)."""
+    from ldm_jax.models.unet_configs import PAPER_UNETS
+
+    u = dict(PAPER_UNETS[unet])
+    for derived in ("image_size", "in_channels", "out_channels", "context_dim"):
+        u.pop(derived, None)  # follow from the first stage, the data and the conditioner
+    c = diffusion_config(
+        first_stage_workdir=f"runs/{first_stage}",
+        model_channels=u.pop("model_channels"),
+        channel_mult=u.pop("channel_mult"),
+        attention_resolutions=u.pop("attention_resolutions"),
+    )
+    c.model.update(u)
+    c.optim.base_learning_rate = base_learning_rate
+    c.batch_size = batch_size
+    c.diffusion.update(linear_start=linear_start, linear_end=linear_end, loss_type=loss_type)
+    c.data.name = dataset
+    c.data.eval_split = "validation"
+    return c
+
+
+def shrink_paper_ldm(c: ml_collections.ConfigDict, first_stage: str) -> ml_collections.ConfigDict:
+    """`runlocal` for a paper LDM: its first stage's own runlocal run, toy UNet, photo crops."""
+    shrink_diffusion(c)
+    c.first_stage.workdir = f"runs/{first_stage}_local"
+    c.model.use_spatial_transformer = c.cond.kind != "none" and c.conditioning_key != "adm"
+    c.model.transformer_depth = 1
+    c.model.resblock_updown = False
+    c.cond.n_classes = min(c.cond.n_classes, 10) if c.cond.kind == "class" else 0
+    if c.cond.kind == "class":
+        c.data.name = "digits"
+        c.data.flip = False
+    else:
+        c.data.name = "digits" if c.cond.kind.startswith("text") else "photo_crops"
+    c.data.eval_split = "test"
+    return c

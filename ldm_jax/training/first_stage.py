@@ -66,12 +66,20 @@ class FirstStage:
         x = jax.ShapeDtypeStruct((1, size, size, self.model_cfg.in_channels), jnp.float32)
         rngs = {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)}
         abstract = nn.unbox(jax.eval_shape(lambda x: self.model.init(rngs, x), x))["params"]
+        # Onto this process's first device; the loop then replicates it over the mesh.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+        )
         target = {"gen_params": {"model": abstract}}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             out = self.manager.restore(
                 self.step,
                 args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(item=target, partial_restore=True)
+                    state=ocp.args.PyTreeRestore(
+                        item=target, restore_args=restore_args, partial_restore=True
+                    )
                 ),
             )
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files

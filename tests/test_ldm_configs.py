@@ -1,0 +1,60 @@
+"""Every paper LDM config builds the paper's UNet (parameter counts via eval_shape) with the
+reference's diffusion settings; the CPU-size variants keep the structure."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.config_loader import load_config
+from ldm_jax.models import unet_configs
+
+# config -> (PAPER_UNETS name, first stage, latent channels, context dim, params,
+#            (linear_start, linear_end), loss, base lr)
+PAPER = {
+    "celebahq_ldm_vq4": ("celebahq-ldm-vq-4", "vq_f4", 3, None, 274_056_163, (0.0015, 0.0195), "l2", 2e-6),
+    "ffhq_ldm_vq4": ("ffhq-ldm-vq-4", "vq_f4", 3, None, 274_056_163, (0.0015, 0.0195), "l2", 2e-6),
+    "lsun_bedrooms_ldm_vq4": ("lsun_bedrooms-ldm-vq-4", "vq_f4", 3, None, 274_056_163, (0.0015, 0.0195), "l2", 2e-6),
+    "lsun_churches_ldm_kl8": ("lsun_churches-ldm-kl-8", "kl_f8", 4, None, 294_966_916, (0.0015, 0.0155), "l1", 5e-5),
+    "cin256_ldm4_g": ("cin256-v2", "vq_f4", 3, 512, 400_920_579, (0.0015, 0.0195), "l2", 1e-4),
+    "cin_ldm_vq_f8": ("cin-ldm-vq-f8", "vq_f8", 4, 512, 394_984_196, (0.0015, 0.0195), "l2", 1e-6),
+    "txt2img_ldm_kl8": ("txt2img-1p4B", "kl_f8", 4, 1280, 872_300_484, (0.00085, 0.012), "l2", 5e-5),
+}  # fmt: skip
+
+
+def _unet_params(config, channels, context_dim) -> int:
+    u = config.model.copy_and_resolve_references()
+    u.in_channels, u.out_channels, u.context_dim = channels, channels, context_dim
+    model = unet_configs.from_config(u)
+    x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ctx = None if context_dim is None else jax.ShapeDtypeStruct((1, 1, context_dim), jnp.float32)
+    shapes = jax.eval_shape(
+        lambda x, t, c: model.init(jax.random.PRNGKey(0), x, t, context=c), x, t, ctx
+    )
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_ldm_config(name):
+    unet, first_stage, channels, context_dim, count, betas, loss, lr = PAPER[name]
+    c = load_config(f"configs/diffusion/{name}.py")
+    assert c.stage == "diffusion" and c.first_stage.workdir == f"runs/{first_stage}"
+    assert (c.diffusion.linear_start, c.diffusion.linear_end) == betas
+    assert c.diffusion.loss_type == loss and c.optim.base_learning_rate == lr
+    assert c.diffusion.timesteps == 1000 and c.diffusion.parameterization == "eps"
+    want = unet_configs.PAPER_UNETS[unet]
+    for key in ("model_channels", "num_res_blocks", "num_heads", "num_head_channels"):
+        if key in want:
+            assert c.model[key] == want[key], key
+    assert tuple(c.model.channel_mult) == tuple(want["channel_mult"])
+    assert tuple(c.model.attention_resolutions) == tuple(want["attention_resolutions"])
+    assert _unet_params(c, channels, context_dim) == count
+    small = load_config(f"configs/diffusion/{name}.py:runlocal")
+    assert small.first_stage.workdir == f"runs/{first_stage}_local"
+    assert small.data.image_size == 32 and small.model.model_channels == 32
+
+
+def test_txt2img_uses_the_sd_latent_scale():
+    c = load_config("configs/diffusion/txt2img_ldm_kl8.py")
+    assert c.diffusion.scale_factor == 0.18215 and c.cond.n_layer == 32
