@@ -24,7 +24,8 @@ PAPER = {
 
 def _unet_params(config, channels, context_dim) -> int:
     u = config.model.copy_and_resolve_references()
-    u.in_channels, u.out_channels, u.context_dim = channels, channels, context_dim
+    with u.unlocked():
+        u.in_channels, u.out_channels, u.context_dim = channels, channels, context_dim
     model = unet_configs.from_config(u)
     x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
