@@ -1,4 +1,4 @@
-"""Quickstart: a small KL-f4 autoencoder on the embedded photo_crops dataset (CPU, ~10 min).
+"""Quickstart: a small KL-f4 autoencoder on the embedded photo_crops dataset (~15 min on 2 CPU cores).
 
     python -m ldm_jax.train --config configs/autoencoder/quickstart.py --workdir runs/quickstart/autoencoder
 
