@@ -65,6 +65,11 @@ def test_image_size_not_divisible_by_f(tmp_path, data_dir):
     assert "image_size=30 is not divisible" in proc.stderr and "f=4" in proc.stderr
 
 
+def test_unknown_nonfinite_policy(tmp_path, data_dir):
+    proc = run_cli(tmp_path / "w", data_dir, "--config.train.on_nonfinite=ignore", check=False)
+    assert proc.returncode == 2 and "on_nonfinite='ignore'" in proc.stderr
+
+
 def test_dataset_not_prepared(tmp_path):
     proc = run_cli(
         tmp_path / "w", tmp_path / "empty", "--config.data.prepare_if_missing=False", check=False

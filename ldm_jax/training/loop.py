@@ -70,6 +70,11 @@ class Trainer:
         self.config = config
         self.workdir = pathlib.Path(workdir).absolute()
         self.is_lead = jax.process_index() == 0
+        if config.train.on_nonfinite not in ("stop", "skip"):
+            raise UserError(
+                f"config.train.on_nonfinite={config.train.on_nonfinite!r}; use 'stop' (raise "
+                "naming the step) or 'skip' (drop non-finite updates and count them)."
+            )
         self.task = make_task(config)
         self.task.validate()
         self.mesh = mesh_lib.make_mesh(config.mesh)
