@@ -148,18 +148,25 @@ def shrink_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.loss.disc_ndf = 8
     c.loss.disc_num_layers = min(c.loss.disc_num_layers, 2)
     c.loss.disc_start = min(c.loss.disc_start, 2)
-    c.batch_size = 2
+    _shrink_run(c, batch_size=2, eval_batch_size=8, image_rows=2)
+    return c
+
+
+def _shrink_run(c, *, batch_size: int, eval_batch_size: int, image_rows: int) -> None:
+    """The run settings every `runlocal` shares: 32x32 images, 4 steps, everything logged."""
+    c.batch_size = batch_size
     c.data.image_size = 32
     c.data.resize = None
-    c.train.num_steps = 4
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.eval_every = 4
-    c.train.eval_examples = 8
-    c.train.eval_batch_size = 8
-    c.train.image_every = 4
-    c.train.num_image_rows = 2
-    return c
+    c.train.update(
+        num_steps=4,
+        log_every=1,
+        checkpoint_every=2,
+        eval_every=4,
+        eval_examples=8,
+        eval_batch_size=eval_batch_size,
+        image_every=4,
+        num_image_rows=image_rows,
+    )
 
 
 def diffusion_config(
@@ -171,7 +178,6 @@ def diffusion_config(
     num_heads: int = -1,
     num_head_channels: int = 32,
     use_spatial_transformer: bool = False,
-    context_dim: int | None = None,
 ) -> ml_collections.ConfigDict:
     """A paper LDM config (section 2 of the reference tables); overrides follow per file."""
     c = base_config()
@@ -197,7 +203,6 @@ def diffusion_config(
             dtype="float32",
         )
     )
-    del context_dim  # set from the conditioner
     c.conditioning_key = ml_collections.FieldReference(None, field_type=str)
     c.cond = ml_collections.ConfigDict(
         dict(kind="none", n_classes=0, embed_dim=512, n_layer=0, max_length=77, drop_rate=0.0)
@@ -242,17 +247,7 @@ def shrink_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.cond.embed_dim = 32
     c.cond.n_layer = min(c.cond.n_layer, 2)
     c.cond.max_length = 16
-    c.batch_size = 4
-    c.data.image_size = 32
-    c.data.resize = None
-    c.train.num_steps = 4
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.eval_every = 4
-    c.train.eval_examples = 8
-    c.train.eval_batch_size = 4
-    c.train.image_every = 4
-    c.train.num_image_rows = 4
+    _shrink_run(c, batch_size=4, eval_batch_size=4, image_rows=4)
     c.sampling.steps = 5
     c.sampling.grid_rows = 1
     return c

@@ -14,6 +14,7 @@ Each stage resumes from its checkpoints when run again; metrics.json gathers the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -28,10 +29,16 @@ def _spec(path: str, *args: str) -> str:
     return path + (":" + ",".join(args) if args else "")
 
 
-def _accuracy(samples: dict, data_dir) -> dict:
+@functools.lru_cache
+def _classifier(data_dir):
+    """Fitted once and shared by the class- and text-conditional stages."""
     from ldm_jax.evaluation.digits_classifier import DigitsClassifier
 
-    clf = DigitsClassifier(data_dir)
+    return DigitsClassifier(data_dir)
+
+
+def _accuracy(samples: dict, data_dir) -> dict:
+    clf = _classifier(data_dir)
     images = samples["images"].astype("float32") / 127.5 - 1.0
     return {
         "conditional_accuracy": clf.accuracy(images, samples["labels"]),

@@ -118,19 +118,6 @@ def dense(
     )
 
 
-def layer_norm(*, dtype=jnp.float32, param_dtype=jnp.float32, name=None) -> nn.LayerNorm:
-    # torch.nn.LayerNorm defaults: eps 1e-5, affine.
-    return nn.LayerNorm(
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), layers.NORM_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.NORM_AXES),
-        name=name,
-    )
-
-
 class CrossAttention(nn.Module):
     """to_q/to_k/to_v (no bias) -> attention over `heads` x `dim_head` -> to_out_0 (bias).
 
@@ -216,10 +203,12 @@ class BasicTransformerBlock(nn.Module):
         mask = None
         if context_mask is not None and context is not None:
             mask = context_mask[:, None, None, :]  # [B, 1, 1, M]
-        x = x + CrossAttention(name="attn1", **akw)(layer_norm(name="norm1", **kw)(x), train=train)
-        h = layer_norm(name="norm2", **kw)(x)
+        x = x + CrossAttention(name="attn1", **akw)(
+            layers.layer_norm(name="norm1", **kw)(x), train=train
+        )
+        h = layers.layer_norm(name="norm2", **kw)(x)
         x = x + CrossAttention(name="attn2", **akw)(h, context, mask=mask, train=train)
-        h = layer_norm(name="norm3", **kw)(x)
+        h = layers.layer_norm(name="norm3", **kw)(x)
         return x + FeedForward(dropout=self.dropout, name="ff", **kw)(h, train=train)
 
 

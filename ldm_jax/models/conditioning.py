@@ -40,19 +40,6 @@ def _embed(num: int, features: int, stddev: float, param_dtype: Dtype, name: str
     )
 
 
-def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Two-pass variance: E[x^2]-E[x]^2 loses digits against torch on BERT's large activations.
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), layers.NORM_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.NORM_AXES),
-        name=name,
-    )
-
-
 def _self_attention(x, mask, heads: int, dim_head: int, names, use_bias: bool, impl: str, kw):
     """x [B, L, C] -> [B, L, heads * dim_head], called inside a compact module whose q/k/v
     projections get `names`. mask: bool [B, L] (True = real token) or None."""
@@ -130,12 +117,12 @@ class _EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # [B, L, C]
         c = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _layer_norm(1e-5, name="attn_norm", **kw)(x)
+        h = layers.layer_norm(eps=1e-5, name="attn_norm", **kw)(x)
         # x-transformers' to_q/to_k/to_v carry no bias; to_out does.
         names = ("to_q", "to_k", "to_v")
         out = _self_attention(h, mask, self.heads, self.dim_head, names, False, self.impl, kw)
         x = x + attn.dense(c, attn.OUT_KERNEL_AXES, name="to_out", **kw)(out)
-        h = _layer_norm(1e-5, name="ff_norm", **kw)(x)
+        h = layers.layer_norm(eps=1e-5, name="ff_norm", **kw)(x)
         h = attn.dense(c * self.ff_mult, attn.MLP_IN_AXES, name="ff_in", **kw)(
             h
         )  # [B, L, C * ff_mult]
@@ -178,7 +165,7 @@ class TransformerEncoder(nn.Module):
                 self.heads, self.dim_head, self.ff_mult, self.attn_impl, name=f"layers_{i}", **kw
             )
             x = block(x, mask)
-        return _layer_norm(1e-5, name="norm", **kw)(x)
+        return layers.layer_norm(eps=1e-5, name="norm", **kw)(x)
 
 
 # ------------------------------------------------------------------------ BERT (MiniLM)
@@ -201,12 +188,12 @@ class _BertLayer(nn.Module):
         names = ("query", "key", "value")
         d = c // self.num_heads
         a = _self_attention(x, mask, self.num_heads, d, names, True, self.impl, kw)
-        x = _layer_norm(self.eps, name="attention_norm", **kw)(
+        x = layers.layer_norm(eps=self.eps, name="attention_norm", **kw)(
             x + attn.dense(c, attn.OUT_KERNEL_AXES, name="attention_out", **kw)(a)
         )
         h = attn.dense(self.intermediate_size, attn.MLP_IN_AXES, name="intermediate", **kw)(x)
         h = jax.nn.gelu(h, approximate=False)  # BERT's "gelu" is the exact erf form
-        return _layer_norm(self.eps, name="output_norm", **kw)(
+        return layers.layer_norm(eps=self.eps, name="output_norm", **kw)(
             x + attn.dense(c, attn.MLP_OUT_AXES, name="output", **kw)(h)
         )
 
@@ -251,7 +238,9 @@ class BertEncoder(nn.Module):
         x = emb(self.vocab_size, "word_embeddings")(input_ids)  # [B, L, hidden]
         x = x + emb(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
         x = x + emb(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        x = _layer_norm(self.layer_norm_eps, name="embeddings_norm", **kw)(x.astype(self.dtype))
+        x = layers.layer_norm(eps=self.layer_norm_eps, name="embeddings_norm", **kw)(
+            x.astype(self.dtype)
+        )
         for i in range(self.num_layers):
             layer = _BertLayer(
                 self.num_heads,

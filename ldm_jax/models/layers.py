@@ -145,24 +145,50 @@ def dense(
     )
 
 
+def _norm_inits() -> dict:
+    return dict(
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), NORM_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES),
+    )
+
+
 def group_norm(
     num_groups: int = 32,
     *,
+    eps: float = 1e-6,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.GroupNorm:
-    # eps 1e-6 as the reference; two-pass variance because E[x^2]-E[x]^2 loses digits
-    # against torch when activations have a large mean.
+    # eps 1e-6 as the autoencoder and SpatialTransformer references (the UNet's GroupNorm32
+    # passes torch's 1e-5); two-pass variance because E[x^2]-E[x]^2 loses digits against
+    # torch when activations have a large mean.
     return nn.GroupNorm(
         num_groups=num_groups,
-        epsilon=1e-6,
+        epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), NORM_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES),
         name=name,
+        **_norm_inits(),
+    )
+
+
+def layer_norm(
+    *,
+    eps: float = 1e-5,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.LayerNorm:
+    # torch.nn.LayerNorm's default eps 1e-5 (BERT passes 1e-12); two-pass variance as above.
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        name=name,
+        **_norm_inits(),
     )
 
 

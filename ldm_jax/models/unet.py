@@ -61,19 +61,10 @@ def attention_heads(
     return (heads, dim_head) if spatial else (heads, ch // heads)
 
 
-def group_norm(groups: int, *, dtype=jnp.float32, param_dtype=jnp.float32, name=None):
-    # GroupNorm32 of openaimodel: torch's default eps 1e-5 (the autoencoder and the
+def group_norm(groups: int, **kw) -> nn.GroupNorm:
+    # GroupNorm32 of openaimodel keeps torch's default eps 1e-5 (the autoencoder and the
     # SpatialTransformer use 1e-6); statistics in fp32 whatever the compute dtype.
-    return nn.GroupNorm(
-        num_groups=groups,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), layers.NORM_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.NORM_AXES),
-        name=name,
-    )
+    return layers.group_norm(groups, eps=1e-5, **kw)
 
 
 def _avg_pool2(x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/2, W/2, C]

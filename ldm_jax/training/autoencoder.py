@@ -83,7 +83,9 @@ class AutoencoderTask:
 
     def sample_grid(self, state, batch, rows: int, frozen=None) -> list:
         """Originals over their reconstructions, `rows` images each: [orig, recon]."""
-        recon = jax.jit(self.reconstruct)(state, batch["image"])
+        if not hasattr(self, "_reconstruct_jit"):  # one trace for every grid of the run
+            self._reconstruct_jit = jax.jit(self.reconstruct)
+        recon = self._reconstruct_jit(state, batch["image"])
         take = lambda a: outputs.to_uint8(multihost_utils.process_allgather(a, tiled=True)[:rows])
         return [take(batch["image"]), take(recon)]
 
@@ -222,13 +224,7 @@ class AutoencoderTask:
             disc_stats=disc_stats,
             disc_opt=disc_opt,
         )
-        # A non-finite step never reaches the parameters: keep the previous values.
-        new_state = state_lib.select_tree(finite, candidate, state)
-        new_state = new_state.replace(
-            step=state.step + 1,
-            bad_step=state_lib.record_nonfinite(state.bad_step, state.step, finite),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+        new_state = state_lib.advance(state, candidate, finite)
         metrics = {
             **gen_metrics,
             "disc_loss": disc_loss,

@@ -146,17 +146,20 @@ class DiffusionTask:
             {"params": unet_params}, z_t, t, context=context, y=y, train=train, rngs=rngs
         )
 
+    def _noised_latents(self, state, frozen, images, r_enc, r_t, r_noise):
+        """Scaled first-stage latents z0, timesteps t, noise and z_t = q_sample(z0, t)."""
+        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
+        t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
+        noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
+        return z0, t, noise, objectives.q_sample(self.sched, z0, t, noise)
+
     def train_step(self, state: DiffusionState, batch, rng, frozen):
         dc = self.config.diffusion
         rng = jax.random.fold_in(rng, state.step)
         r_enc, r_t, r_noise, r_cfg, r_drop = jax.random.split(rng, 5)
         images = batch["image"]
-        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
-        t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
-        noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
-        z_t = objectives.q_sample(self.sched, z0, t, noise)
-        inputs = {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
-        inputs = self.cond.drop(inputs, r_cfg, self.config.cond.drop_rate)
+        z0, t, noise, z_t = self._noised_latents(state, frozen, images, r_enc, r_t, r_noise)
+        inputs = self.cond.drop(_cond_inputs(batch), r_cfg, self.config.cond.drop_rate)
 
         def loss_fn(params):
             out = self._apply(
@@ -183,11 +186,7 @@ class DiffusionTask:
         )
         finite = state_lib.all_finite(loss, grads)
         candidate = state.replace(params=params, opt_state=opt_state, ema_params=ema)
-        new_state = state_lib.select_tree(finite, candidate, state).replace(
-            step=state.step + 1,
-            bad_step=state_lib.record_nonfinite(state.bad_step, state.step, finite),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+        new_state = state_lib.advance(state, candidate, finite)
         metrics = {
             "loss": loss,
             "ema_decay": decay,
@@ -206,13 +205,16 @@ class DiffusionTask:
         rng = jax.random.PRNGKey(1234)
         r_enc, r_t, r_noise = jax.random.split(rng, 3)
         images = batch["image"]
-        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
-        t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
-        noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
-        z_t = objectives.q_sample(self.sched, z0, t, noise)
-        inputs = {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
+        z0, t, noise, z_t = self._noised_latents(state, frozen, images, r_enc, r_t, r_noise)
         out = self._apply(
-            state.ema_params, state.params["cond"], frozen, z_t, t, inputs, images, False
+            state.ema_params,
+            state.params["cond"],
+            frozen,
+            z_t,
+            t,
+            _cond_inputs(batch),
+            images,
+            False,
         )
         _, per_example = objectives.diffusion_loss(
             self.sched,
@@ -298,6 +300,11 @@ class DiffusionTask:
 
             cache[n] = jax.jit(fn)
         return cache[n]
+
+
+def _cond_inputs(batch: dict) -> dict:
+    """The conditioning arrays of a device batch (labels or tokens), whichever it has."""
+    return {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
 
 
 def _gather(x):

@@ -29,3 +29,14 @@ def select_tree(pred, on_true, on_false):
 def record_nonfinite(bad_step, step, finite):
     """First step whose loss or gradients were not finite (-1 while none was)."""
     return jnp.where((bad_step < 0) & ~finite, step, bad_step)
+
+
+def advance(state, candidate, finite):
+    """The next train state: `candidate` if the step was finite, else `state` unchanged,
+    with the step counted and a non-finite step recorded (`bad_step`, `skipped`).
+    A non-finite step thus never reaches the parameters."""
+    return select_tree(finite, candidate, state).replace(
+        step=state.step + 1,
+        bad_step=record_nonfinite(state.bad_step, state.step, finite),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )

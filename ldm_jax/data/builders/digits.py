@@ -4,12 +4,11 @@ Built offline with no TensorFlow: images are PNG-encoded here with PIL (tfds' ow
 numpy-array encoder runs a TensorFlow graph), records are written as array_record.
 """
 
-import io
-
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
+
+from ldm_jax.data.builders.base import ProjectBuilder, png_bytes
 
 IMAGE_SIZE = 32
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -38,12 +37,6 @@ def split_indices(targets: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
 def digit_image(image_8x8: np.ndarray) -> np.ndarray:
     """0..16 float 8x8 -> uint8 [32, 32, 3] (bicubic upsampling, grey replicated)."""
     grey = np.clip(np.rint(image_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
@@ -51,18 +44,11 @@ def digit_image(image_8x8: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(big)[:, :, None], 3, axis=2)
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(ProjectBuilder):
     """Handwritten digits (UCI optdigits test set via scikit-learn), 32x32 RGB, captioned."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-    # tfds' default code_path probes `importlib_resources` (not installed) for packaged
-    # builders; pointing it at this file also keeps tfds from looking for checksum files.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -102,7 +88,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             yield (
                 int(i),
                 {
-                    "image": _png(digit_image(images[i])),
+                    "image": png_bytes(Image.fromarray(digit_image(images[i]))),
                     "label": label,
                     "caption": caption_for(int(i), label),
                 },
