@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ldm_jax.parallel import distributed
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses `key=value,flag` strings from `--config path.py:ARG` (big_vision style)."""
@@ -31,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 8  # global, over all processes and devices
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Multi-host: coordinates (or auto-detection) and the dead-peer timeout.
+    c.distributed = distributed.default_config()
 
     c.data = ml_collections.ConfigDict(
         dict(
@@ -63,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
             num_image_rows=8,
             on_nonfinite="stop",  # 'stop': raise naming the step; 'skip': drop the update
             progress_bar=True,
+            # SIGTERM -> all processes save at one step and exit 0; multi-process runs agree
+            # on it by an all-gather every this many steps.
+            preemption_check_every=1,
         )
     )
     return c
@@ -222,6 +229,11 @@ def diffusion_config(
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+    # Encode the training split once with the frozen first stage and train from the codes
+    # (ldm_jax.data.latent_cache); dir None = inside the autoencoder's workdir.
+    c.latent_cache = ml_collections.ConfigDict(
+        dict(enabled=False, dir=ml_collections.FieldReference(None, field_type=str), batch_size=64)
+    )
     c.optim = ml_collections.ConfigDict(
         dict(base_learning_rate=2.0e-6, scale_lr=True, weight_decay=0.01, warmup_steps=0)
     )

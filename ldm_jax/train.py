@@ -26,16 +26,25 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
+    from ldm_jax.parallel import distributed
     from ldm_jax.training import loop
 
     try:
-        result = loop.run(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        distributed.initialize(config.get("distributed"))
+        result = loop.run(config, _WORKDIR.value)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    if result.get("preempted"):
+        print(
+            f"preempted: saved step {result['step']} in {result['workdir']}; run the same "
+            "command again to resume from it"
+        )
+        return
     print(f"done: step {result['step']} in {result['workdir']}")
     print(f"metrics: {result['workdir']}/metrics.json")
 

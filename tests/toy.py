@@ -42,3 +42,36 @@ def run_module(module, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def launch_command(num_processes, devices_per_process, module, *args):
+    """The local launcher's command line for `python -m module args` in N processes."""
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        f"--num_processes={num_processes}",
+        f"--devices_per_process={devices_per_process}",
+        "--grace_s=60",
+        "--",
+        sys.executable,
+        "-m",
+        module,
+        *map(str, args),
+    ]
+
+
+def launch_env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    return env
+
+
+def run_launched(num_processes, devices_per_process, module, *args, check=True, timeout=600):
+    """Runs `module` as a job of N real JAX processes on localhost (launch/local.py)."""
+    cmd = launch_command(num_processes, devices_per_process, module, *args)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

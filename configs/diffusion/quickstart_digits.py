@@ -39,6 +39,8 @@ def get_config(arg=None):
     c.data.resize = None
     c.data.crop = "center"
     c.data.flip = False  # a mirrored 7 is not a 7
+    # Encode the digits once (seconds) instead of every step (~40% of the step on a CPU).
+    c.latent_cache.enabled = True
     c.train.num_steps = args.steps
     c.train.log_every = 50
     c.train.checkpoint_every = 1000

@@ -80,7 +80,7 @@ def _processes(global_batch_size, process_index, process_count) -> tuple[int, in
     return process_index, process_count, global_batch_size // process_count
 
 
-def _lookup(example: dict, key: str):
+def lookup(example: dict, key: str):
     for part in key.split("/"):
         example = example[part]
     return example
@@ -91,7 +91,11 @@ class _Reader:
 
     def __init__(self, s: SimpleNamespace, source: Source, train: bool):
         self.s, self.source, self.train = s, source, train
-        if not source.has_feature(s.image_key):
+        # A latent cache (ldm_jax.data.latent_cache) holds first-stage codes, not images.
+        self.latent = source.has_feature("latent")
+        if self.latent:
+            s = self.s = SimpleNamespace(**{**vars(s), "label_key": "label", "caption_key": "caption"})
+        elif not source.has_feature(s.image_key):
             raise UserError(
                 f"Dataset '{source.name}' has no feature '{s.image_key}' (features: "
                 f"{', '.join(source.features.keys())}); set data.image_key."
@@ -112,8 +116,23 @@ class _Reader:
         return out
 
     def read(self, index: int, rng: np.random.Generator | None) -> dict:
-        s, example = self.s, self.source[index]
-        image = transforms.as_rgb(_lookup(example, s.image_key))
+        example = self.source[index]
+        out = {"latent": example["latent"]} if self.latent else self._image(index, example, rng)
+        if self.label_key:
+            out["label"] = int(lookup(example, self.label_key))
+        if self.caption_key:
+            caption = lookup(example, self.caption_key)
+            if not isinstance(caption, str):  # several captions (e.g. COCO): pick one
+                caption = list(np.ravel(caption))
+                caption = (
+                    caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
+                )
+            out["caption"] = str(caption)
+        return out
+
+    def _image(self, index: int, example: dict, rng) -> dict:
+        s = self.s
+        image = transforms.as_rgb(lookup(example, s.image_key))
         if s.resize is not None:
             image = transforms.resize_smaller_side(image, s.resize)
         h, w = image.shape[:2]
@@ -129,22 +148,14 @@ class _Reader:
             image = transforms.center_crop(image, s.image_size)
         if self.train and s.flip:
             image = transforms.random_flip(image, rng)
-        out = {"image": np.ascontiguousarray(image)}
-        if self.label_key:
-            out["label"] = int(_lookup(example, self.label_key))
-        if self.caption_key:
-            caption = _lookup(example, self.caption_key)
-            if not isinstance(caption, str):  # several captions (e.g. COCO): pick one
-                caption = list(np.ravel(caption))
-                caption = (
-                    caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
-                )
-            out["caption"] = str(caption)
-        return out
+        return {"image": np.ascontiguousarray(image)}
 
 
 def _collate(examples) -> dict:
-    batch = {"image": transforms.to_float(np.stack([e["image"] for e in examples]))}
+    if "latent" in examples[0]:
+        batch = {"latent": np.stack([e["latent"] for e in examples]).astype(np.float32)}
+    else:
+        batch = {"image": transforms.to_float(np.stack([e["image"] for e in examples]))}
     if "label" in examples[0]:
         batch["label"] = np.array([e["label"] for e in examples], np.int32)
     if "caption" in examples[0]:
@@ -163,21 +174,33 @@ def _batched(elements: grain.MapDataset, local_batch: int, num_threads: int):
 class TrainIterator:
     """Infinite, shuffled, checkpointable batches for this process (see module docstring).
 
-    Batches: `image` float32 [b, S, S, 3] in [-1, 1]; `label` int32 [b] and `caption`
-    object (str) [b] when the dataset has them. With `prepare_if_missing`, only process 0
-    builds a missing project dataset (call `prepare` on process 0 before a multi-process run).
+    Batches: `image` float32 [b, S, S, 3] in [-1, 1] (or `latent` float32 [b, h, w, k]
+    from a latent cache passed as `source`); `label` int32 [b] and `caption` object (str)
+    [b] when the dataset has them. With `prepare_if_missing`, only process 0 builds a
+    missing project dataset (call `prepare` on process 0 before a multi-process run).
     """
 
     def __init__(
-        self, data_cfg, *, global_batch_size, seed, process_index=None, process_count=None
+        self,
+        data_cfg,
+        *,
+        global_batch_size,
+        seed,
+        process_index=None,
+        process_count=None,
+        source: Source | None = None,
     ):
         s = _settings(data_cfg)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UserError(f"seed must be a non-negative int, got {seed!r}.")
         p, count, local = _processes(global_batch_size, process_index, process_count)
-        source = open_source(
-            s.name, s.train_split, s.data_dir, prepare_if_missing=s.prepare_if_missing and p == 0
-        )
+        if source is None:
+            source = open_source(
+                s.name,
+                s.train_split,
+                s.data_dir,
+                prepare_if_missing=s.prepare_if_missing and p == 0,
+            )
         if not len(source):
             raise UserError(f"{source!r} is empty.")
         self._reader = _Reader(s, source, train=True)

@@ -20,19 +20,32 @@ from ldm_jax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axis. Parameters are replicated for now (pure data parallelism);
-# the batch is split over every data-like axis.
+# Logical axis -> mesh axis. The batch is split over every data-like axis; FSDP shards
+# each weight's input side (conv_in / embed) over `fsdp`, tensor parallelism its output
+# side (conv_out / mlp / heads) over `tensor`, so params, optimizer moments and EMA all
+# shrink with both. A dimension that the mesh axis does not divide stays replicated
+# (see `logical_to_sharding`), which is what happens to RGB convs and small norms.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
-    ("conv_in", None),
-    ("conv_out", None),
-    ("embed", None),
-    ("mlp", None),
-    ("heads", None),
+    ("conv_in", "fsdp"),
+    ("conv_out", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
     ("vocab", None),
     ("norm", None),
-    ("codebook", None),
+    ("codebook", "fsdp"),
     ("latent", None),
+)
+
+
+# Compute layout under FSDP: weights are stored split over `fsdp` (params, moments, EMA)
+# and gathered whole for the matmuls/convs, still split over `tensor`; the gradient comes
+# back reduce-scattered. Stating the gather explicitly (rather than leaving the choice to
+# the SPMD partitioner) is the FSDP recipe, and it sidesteps a wrong conv gradient that
+# XLA:CPU produced for the (2, 2, 2) mesh when the choice was left to it.
+COMPUTE_AXIS_RULES = tuple(
+    (name, None if axes == "fsdp" else axes) for name, axes in LOGICAL_AXIS_RULES
 )
 
 
@@ -87,8 +100,64 @@ def batch_size_per_shard(mesh: Mesh) -> int:
 def logical_to_sharding(abstract_tree, mesh: Mesh):
     """Shardings for a tree whose leaves may be flax `nn.Partitioned` boxes.
 
-    Unannotated leaves are replicated. Returns a tree of NamedSharding with the boxes
-    removed, matching `nn.unbox(tree)`.
+    Unannotated leaves are replicated, and so is any dimension whose size the mesh axes it
+    maps to do not divide. Returns a tree of NamedSharding with the boxes removed,
+    matching `nn.unbox(tree)`.
     """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    shapes = nn.unbox(abstract_tree)
+
+    def sharding(spec, leaf):
+        axes = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_AXIS_RULES) if spec else P()
+        return NamedSharding(mesh, fit_spec(axes, np.shape(leaf), mesh))
+
+    return jax.tree_util.tree_map(sharding, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """`spec` with every entry that does not divide its dimension (or names a size-1 mesh
+    axis only) replaced by None."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        out.append(entry if names and size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Bytes one device holds of a tree of arrays (or ShapeDtypeStructs) placed by
+    `shardings` (the largest shard of each leaf, so uneven splits are not undercounted)."""
+    leaves = jax.tree_util.tree_leaves(nn.unbox(abstract_tree))
+    total = 0
+    for leaf, sharding in zip(leaves, jax.tree_util.tree_leaves(shardings), strict=True):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def gather_for_compute(tree, logical_specs):
+    """Constrains weights (inside jit, under `jax.set_mesh`) to the compute layout:
+    whole over `fsdp`, split over `tensor`. `logical_specs` is the matching tree of
+    logical PartitionSpecs (`nn.get_partition_spec` of the boxed tree). A no-op without
+    a mesh or with fsdp = 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+        return tree
+
+    def one(spec, x):
+        axes = nn.logical_to_mesh_axes(tuple(spec), COMPUTE_AXIS_RULES) if spec else P()
+        return jax.lax.with_sharding_constraint(x, fit_spec(axes, x.shape, mesh))
+
+    return jax.tree_util.tree_map(
+        one, logical_specs, tree, is_leaf=lambda x: isinstance(x, P) or x is None
+    )
+
+
+def logical_specs(boxed_tree):
+    """Logical PartitionSpecs of a boxed (abstract) tree; unannotated leaves get P()."""
+    return jax.tree_util.tree_map(
+        lambda x: P(*x.names) if isinstance(x, nn.Partitioned) else P(),
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )

@@ -27,6 +27,7 @@ from ldm_jax.losses import autoencoder as ae_losses
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import outputs
 from ldm_jax.training import state as state_lib
 
@@ -94,6 +95,11 @@ class AutoencoderTask:
         """Frozen networks the loss needs, passed to the jitted step as an argument."""
         return {"lpips": lpips_lib.load_lpips_params()}
 
+    @functools.cached_property
+    def state_specs(self):
+        """Logical PartitionSpecs of the state (for the FSDP compute gather)."""
+        return mesh_lib.logical_specs(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
+
     def init_state(self, rng) -> AutoencoderState:
         """Boxed (logically annotated) initial state; the loop unboxes after sharding."""
         size = self.config.data.image_size
@@ -128,9 +134,17 @@ class AutoencoderTask:
         factor = ae_losses.disc_factor(state.step, disc_start=lc.disc_start, factor=lc.disc_factor)
         reg_weight = lc.kl_weight if self.kind == "kl" else lc.codebook_weight
 
+        specs = self.state_specs
+        gather_model = functools.partial(
+            mesh_lib.gather_for_compute, logical_specs=specs.gen_params["model"]
+        )
+        gather_disc = functools.partial(
+            mesh_lib.gather_for_compute, logical_specs=specs.disc_params
+        )
+
         def ae_forward(model_params):
             out = self.model.apply(
-                {"params": model_params},
+                {"params": gather_model(model_params)},
                 x,
                 train=True,
                 rngs={"sample": r_sample, "dropout": r_drop},
@@ -157,7 +171,7 @@ class AutoencoderTask:
 
         def adv_head(recon):
             logits, _ = self.disc.apply(
-                {"params": state.disc_params, "batch_stats": state.disc_stats},
+                {"params": gather_disc(state.disc_params), "batch_stats": state.disc_stats},
                 recon,
                 train=True,
                 mutable=["batch_stats"],
@@ -168,7 +182,7 @@ class AutoencoderTask:
         (d_adv_recon,) = adv_vjp(jnp.ones_like(g_loss))
 
         # Adaptive weight: the same cotangents pulled back through the decoder's last conv.
-        last = _get_path(model_params, ae_models.LAST_LAYER_PATH)
+        last = _get_path(gather_model(model_params), ae_models.LAST_LAYER_PATH)
         _, conv_vjp = jax.vjp(lambda p: ae_models.apply_output_conv(p, hidden), last)
         (nll_last,) = conv_vjp(d_nll_recon)
         (adv_last,) = conv_vjp(d_adv_recon)
@@ -202,7 +216,12 @@ class AutoencoderTask:
         # Discriminator on real images and this step's (detached) reconstructions.
         fake = jax.lax.stop_gradient(recon)
 
+        gather_disc = functools.partial(
+            mesh_lib.gather_for_compute, logical_specs=self.state_specs.disc_params
+        )
+
         def disc_objective(disc_params):
+            disc_params = gather_disc(disc_params)
             variables = {"params": disc_params, "batch_stats": state.disc_stats}
             logits_real, upd = self.disc.apply(variables, x, train=True, mutable=["batch_stats"])
             variables = {"params": disc_params, "batch_stats": upd["batch_stats"]}

@@ -9,6 +9,7 @@ with classifier-free guidance, then decodes through the first stage.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -18,9 +19,11 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from ldm_jax.data import latent_cache
 from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
+from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import outputs
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.conditioner import Conditioner
@@ -49,14 +52,15 @@ def ema_decay(step, decay: float):
 class DiffusionTask:
     stage = "diffusion"
 
-    def __init__(self, config):
+    def __init__(self, config, first_stage: FirstStage | None = None):
+        """`first_stage` defaults to the checkpoint config.first_stage names."""
         self.config = config
         if config.conditioning_key not in CONDITIONING_KEYS:
             raise UserError(
                 f"unknown config.conditioning_key {config.conditioning_key!r}; "
                 f"valid: {list(CONDITIONING_KEYS)}"
             )
-        self.first_stage = FirstStage(config.first_stage)
+        self.first_stage = first_stage or FirstStage(config.first_stage)
         self.cond = Conditioner(config.cond, config.conditioning_key)
         self.sched = schedules.make_schedule(config.diffusion)
         self.concat = config.conditioning_key in ("concat", "hybrid")
@@ -80,6 +84,8 @@ class DiffusionTask:
         return u
 
     def validate(self) -> None:
+        if _cache_enabled(self.config):
+            latent_cache.check_cacheable(self.config)
         size, f = self.config.data.image_size, self.first_stage.factor
         down = 2 ** (len(self.config.model.channel_mult) - 1)
         if size % (f * down):
@@ -122,11 +128,22 @@ class DiffusionTask:
         only; a restored state keeps the value it was trained with)."""
         if not self.config.diffusion.scale_by_std:
             return state
-        z = self.first_stage.encode(frozen["first_stage"], batch["image"], rng)
-        return state.replace(scale_factor=1.0 / jnp.std(z))
+        return state.replace(scale_factor=1.0 / jnp.std(self._latents(frozen, batch, rng)))
+
+    def train_source(self, encode_on_mesh):
+        """The latent cache as the training source (built on first use), or None to read
+        images. `encode_on_mesh(fn)` turns fn(frozen, images) into a jitted function of
+        the images on the mesh, and a dict of local arrays into global ones."""
+        if not _cache_enabled(self.config):
+            return None
+        encode, global_batch = encode_on_mesh(
+            lambda frozen, images: self.first_stage.codes(frozen["first_stage"], images)
+        )
+        return latent_cache.build(self.config, self.first_stage, encode, global_batch)
 
     def device_batch(self, batch: dict, with_mask: bool = False) -> dict:
-        out = {"image": batch["image"], **self.cond.host_inputs(batch)}
+        key = "latent" if "latent" in batch else "image"
+        out = {key: batch[key], **self.cond.host_inputs(batch)}
         if with_mask:
             out["mask"] = batch["mask"]
         return out
@@ -137,7 +154,15 @@ class DiffusionTask:
         b, s = images.shape[0], self.latent_size
         return jax.image.resize(images, (b, s, s, images.shape[-1]), "bilinear", antialias=True)
 
+    @functools.cached_property
+    def state_specs(self):
+        """Logical PartitionSpecs of the state (for the FSDP compute gather)."""
+        return mesh_lib.logical_specs(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
+
     def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng=None):
+        specs = self.state_specs.params
+        unet_params = mesh_lib.gather_for_compute(unet_params, specs["unet"])
+        cond_params = mesh_lib.gather_for_compute(cond_params, specs["cond"])
         context, y = self.cond.embed(cond_params, frozen, inputs)
         if self.concat:
             z_t = jnp.concatenate([z_t, self._dense(images)], axis=-1)
@@ -146,9 +171,15 @@ class DiffusionTask:
             {"params": unet_params}, z_t, t, context=context, y=y, train=train, rngs=rngs
         )
 
-    def _noised_latents(self, state, frozen, images, r_enc, r_t, r_noise):
+    def _latents(self, frozen, batch, rng):
+        """Unscaled first-stage latents of a batch of images or of cached codes."""
+        if "latent" in batch:
+            return self.first_stage.latents_from_codes(batch["latent"], rng)
+        return self.first_stage.encode(frozen["first_stage"], batch["image"], rng)
+
+    def _noised_latents(self, state, frozen, batch, r_enc, r_t, r_noise):
         """Scaled first-stage latents z0, timesteps t, noise and z_t = q_sample(z0, t)."""
-        z0 = self.first_stage.encode(frozen["first_stage"], images, r_enc) * state.scale_factor
+        z0 = self._latents(frozen, batch, r_enc) * state.scale_factor
         t = objectives.sample_timesteps(r_t, z0.shape[0], self.sched.num_timesteps)
         noise = jax.random.normal(r_noise, z0.shape, z0.dtype)
         return z0, t, noise, objectives.q_sample(self.sched, z0, t, noise)
@@ -157,8 +188,8 @@ class DiffusionTask:
         dc = self.config.diffusion
         rng = jax.random.fold_in(rng, state.step)
         r_enc, r_t, r_noise, r_cfg, r_drop = jax.random.split(rng, 5)
-        images = batch["image"]
-        z0, t, noise, z_t = self._noised_latents(state, frozen, images, r_enc, r_t, r_noise)
+        images = batch.get("image")  # the dense condition's source (absent with a cache)
+        z0, t, noise, z_t = self._noised_latents(state, frozen, batch, r_enc, r_t, r_noise)
         inputs = self.cond.drop(_cond_inputs(batch), r_cfg, self.config.cond.drop_rate)
 
         def loss_fn(params):
@@ -205,7 +236,7 @@ class DiffusionTask:
         rng = jax.random.PRNGKey(1234)
         r_enc, r_t, r_noise = jax.random.split(rng, 3)
         images = batch["image"]
-        z0, t, noise, z_t = self._noised_latents(state, frozen, images, r_enc, r_t, r_noise)
+        z0, t, noise, z_t = self._noised_latents(state, frozen, batch, r_enc, r_t, r_noise)
         out = self._apply(
             state.ema_params,
             state.params["cond"],
@@ -300,6 +331,10 @@ class DiffusionTask:
 
             cache[n] = jax.jit(fn)
         return cache[n]
+
+
+def _cache_enabled(config) -> bool:
+    return bool(config.get("latent_cache") and config.latent_cache.enabled)
 
 
 def _cond_inputs(batch: dict) -> dict:

@@ -54,18 +54,37 @@ class FirstStage:
                 f"{self.path} is a {meta.get('stage')!r} checkpoint, not an autoencoder; point "
                 "config.first_stage.workdir at a first-stage run."
             )
-        self.model_cfg = ml_collections.ConfigDict(meta["model"])
+        self._set_model(meta["model"])
+
+    @classmethod
+    def from_model_config(cls, model_cfg) -> FirstStage:
+        """A first stage with no checkpoint behind it, for shape-only uses (eval_shape,
+        ahead-of-time compiles in benches): `load_params` is unavailable."""
+        obj = object.__new__(cls)
+        obj.workdir = obj.manager = obj.path = None
+        obj.step = -1
+        obj._set_model(model_cfg)
+        return obj
+
+    def _set_model(self, model_cfg) -> None:
+        self.model_cfg = ml_collections.ConfigDict(dict(model_cfg))
         self.model = ae_models.from_config(self.model_cfg)
         self.kind = self.model_cfg.type
         self.factor = ae_models.downsampling_factor(self.model_cfg)
         self.latent_channels = self.model_cfg.embed_dim
 
-    def load_params(self):
-        """The autoencoder's parameters (host arrays), read from the checkpoint."""
+    def abstract_params(self):
+        """ShapeDtypeStructs of the autoencoder's parameters."""
         size = 8 * self.factor
         x = jax.ShapeDtypeStruct((1, size, size, self.model_cfg.in_channels), jnp.float32)
         rngs = {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)}
-        abstract = nn.unbox(jax.eval_shape(lambda x: self.model.init(rngs, x), x))["params"]
+        return nn.unbox(jax.eval_shape(lambda x: self.model.init(rngs, x), x))["params"]
+
+    def load_params(self):
+        """The autoencoder's parameters (host arrays), read from the checkpoint."""
+        if self.manager is None:
+            raise RuntimeError("this FirstStage was built from a model config, not a checkpoint")
+        abstract = self.abstract_params()
         # Onto this process's first device; the loop then replicates it over the mesh.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(
@@ -90,17 +109,29 @@ class FirstStage:
         return out["state"]["gen_params"]["model"]
 
     # ----- pure functions used inside jitted steps ---------------------------------------
-    def encode(self, params, images, rng):
-        """images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, c] (unscaled).
-
-        KL: a sample of the posterior (the reference trains on samples); VQ: the
-        pre-quantisation encoding (quantised again when decoding, as LDM does).
-        """
+    def codes(self, params, images):
+        """images [B, H, W, 3] in [-1, 1] -> what the encoder determines, before any noise:
+        KL: the posterior's moments [B, h, w, 2c] (mean, logvar); VQ: the
+        pre-quantisation encoding [B, h, w, c]. This is what a latent cache stores."""
         if self.kind == "kl":
             posterior = self.model.apply({"params": params}, images, method="encode")
-            return jax.lax.stop_gradient(posterior.sample(rng))
-        h = self.model.apply({"params": params}, images, method="encode")
-        return jax.lax.stop_gradient(h)
+            return jax.lax.stop_gradient(jnp.concatenate([posterior.mean, posterior.logvar], -1))
+        return jax.lax.stop_gradient(self.model.apply({"params": params}, images, method="encode"))
+
+    @property
+    def code_channels(self) -> int:
+        return 2 * self.latent_channels if self.kind == "kl" else self.latent_channels
+
+    def latents_from_codes(self, codes, rng):
+        """codes -> latents [B, h, w, c] (unscaled). KL: a fresh posterior sample (the
+        reference trains on samples); VQ: the codes themselves (quantised when decoding)."""
+        if self.kind == "kl":
+            return ae_models.DiagonalGaussian(codes).sample(rng)
+        return codes
+
+    def encode(self, params, images, rng):
+        """images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, c] (unscaled)."""
+        return self.latents_from_codes(self.codes(params, images), rng)
 
     def decode(self, params, latents):
         """latents (unscaled) -> images [B, H, W, 3] clipped to [-1, 1]."""

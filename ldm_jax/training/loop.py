@@ -23,8 +23,9 @@ from ldm_jax.data import datasets as datasets_lib
 from ldm_jax.data import pipeline
 from ldm_jax.errors import UserError
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import step as step_lib
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import outputs
+from ldm_jax.training import outputs, preemption
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,6 +81,10 @@ class Trainer:
         self.mesh = mesh_lib.make_mesh(config.mesh)
         _check_batch("config.batch_size", config.batch_size, self.mesh)
         _check_batch("config.train.eval_batch_size", config.train.eval_batch_size, self.mesh)
+        if config.get("latent_cache") and config.latent_cache.enabled:
+            _check_batch(
+                "config.latent_cache.batch_size", config.latent_cache.batch_size, self.mesh
+            )
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.replicated = mesh_lib.replicated(self.mesh)
 
@@ -89,6 +94,11 @@ class Trainer:
             k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local.items()
         }
+
+    def _encode_on_mesh(self, fn):
+        """fn(frozen, images) -> (jitted images -> batch-sharded output, _global_batch)."""
+        jitted = jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding))
+        return (lambda images: jitted(self.frozen, images)), self._global_batch
 
     def _init_or_restore(self, ckpt, train_iter):
         rng = jax.random.PRNGKey(self.config.seed)
@@ -179,24 +189,17 @@ class Trainer:
         config, tc = self.config, self.config.train
         self.workdir.mkdir(parents=True, exist_ok=True)
         _prepare_data(config)
-        train_iter = pipeline.TrainIterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed
-        )
         ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tc.keep_checkpoints)
         with jax.set_mesh(self.mesh):
             self.frozen = jax.device_put(self.task.frozen_params(), self.replicated)
-            state, start = self._init_or_restore(ckpt, train_iter)
-            step_fn = jax.jit(
-                self.task.train_step,
-                in_shardings=(
-                    self.state_shardings,
-                    self.batch_sharding,
-                    self.replicated,
-                    self.replicated,
-                ),
-                out_shardings=(self.state_shardings, self.replicated),
-                donate_argnums=0,
+            source = None
+            if hasattr(self.task, "train_source"):  # e.g. a latent cache
+                source = self.task.train_source(self._encode_on_mesh)
+            train_iter = pipeline.TrainIterator(
+                config.data, global_batch_size=config.batch_size, seed=config.seed, source=source
             )
+            state, start = self._init_or_restore(ckpt, train_iter)
+            step_fn = step_lib.jit_train_step(self.task, self.mesh, self.state_shardings)
             writer = outputs.MetricWriter(self.workdir)
             result = self._train(state, start, step_fn, train_iter, ckpt, writer)
             writer.close()
@@ -214,7 +217,8 @@ class Trainer:
             disable=not (self.is_lead and tc.progress_bar),
         )
         t0, timed_steps, last_metrics, image_path = time.time(), 0, {}, None
-        t_first = None
+        t_first, done, preempted = None, start, False
+        watch = preemption.PreemptionWatch(tc.preemption_check_every)
         for step in range(start, num_steps):
             batch = self._global_batch(self.task.device_batch(next(train_iter)))
             state, metrics = step_fn(state, batch, self.step_rng, self.frozen)
@@ -243,14 +247,22 @@ class Trainer:
                 writer.scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 if self.is_lead:
                     bar.write(f"step {done}: " + _fmt(eval_metrics))
-            if done % tc.checkpoint_every == 0 or is_last:
+            saving = done % tc.checkpoint_every == 0 or is_last
+            preempted = not is_last and watch.should_stop(done)
+            if saving or preempted:
                 self._check_finite(state, ckpt)
                 ckpt.save(done, state, train_iter.get_state(), config, force=True)
+            if preempted:
+                if self.is_lead:
+                    bar.write(f"preemption requested (SIGTERM): saved step {done}, stopping")
+                break
+        watch.close()
         bar.close()
         ckpt.wait()
         result = {
             "stage": self.task.stage,
-            "step": num_steps,
+            "step": done,
+            "preempted": preempted,
             "eval": eval_metrics if start < num_steps else self.evaluate(state),
             "train": last_metrics,
             "wall_seconds": time.time() - t0,

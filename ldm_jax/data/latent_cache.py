@@ -1,0 +1,209 @@
+"""Latent caching: encode a training split once with the frozen first stage, then train
+the diffusion model from the stored codes instead of running the encoder every step.
+
+The cache is a TFDS dataset in array_record, read like any other source. Example i is
+example i of the split (no shuffling) with `latent` float32 [h, w, k] — the KL posterior's
+moments (mean and logvar, k = 2c, so each training step still draws a fresh posterior
+sample, as without the cache) or the VQ encoder's pre-quantisation output (k = c) — and
+`label` / `caption` (a list of captions) when the dataset has them.
+
+Encoding runs on the whole mesh (every process encodes its slice of each batch); process 0
+gathers the codes and writes. `provenance.json` records what the cache was made from
+(autoencoder checkpoint, dataset, split, preprocessing); a cache made from anything else
+is refused with an error, never overwritten. Only deterministic preprocessing can be
+cached (center crop, no flip): random augmentation would be frozen into the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+from tensorflow_datasets.core import read_only_builder
+
+from ldm_jax.data import pipeline
+from ldm_jax.data.builders.base import ProjectBuilder
+from ldm_jax.data.datasets import Source, open_source, resolve_data_dir
+from ldm_jax.errors import UserError
+
+PROVENANCE = "provenance.json"
+FORMAT_VERSION = 1
+
+
+class LatentCacheBuilder(ProjectBuilder, skip_registration=True):
+    """Writes examples handed to it; not a registered dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def __init__(self, *, features=None, examples=None, split="train", **kwargs):
+        self._features, self._examples, self._split = features, examples, split
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="First-stage codes of a dataset split, written by ldm_jax.",
+            features=self._features,
+            disable_shuffling=True,  # cache index i is example i of the split
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {self._split: self._generate_examples()}
+
+    def _generate_examples(self):
+        yield from self._examples
+
+
+def cache_dir(config, first_stage) -> pathlib.Path:
+    """config.latent_cache.dir, or one directory per (autoencoder step, dataset, split,
+    size) inside the autoencoder's workdir, so that runs on the same first stage share it."""
+    if config.latent_cache.dir:
+        return pathlib.Path(config.latent_cache.dir).expanduser().absolute()
+    d = config.data
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{d.name}-{d.train_split}-{d.image_size}")
+    return first_stage.workdir / "latent_cache" / f"{name}-step{first_stage.step}"
+
+
+def provenance(config, first_stage) -> dict:
+    d = config.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "autoencoder_checkpoint": str(first_stage.path),
+        "autoencoder_kind": first_stage.kind,
+        "dataset": d.name,
+        "data_dir": resolve_data_dir(d.data_dir),
+        "split": d.train_split,
+        "image_size": d.image_size,
+        "resize": d.resize,
+        "crop": "center",
+        "image_key": d.image_key,
+        "label_key": d.label_key,
+        "caption_key": d.caption_key,
+    }
+
+
+def check_cacheable(config) -> None:
+    d = config.data
+    if d.flip or d.crop == "random":
+        raise UserError(
+            f"latent_cache.enabled needs deterministic preprocessing, but data.crop={d.crop!r} "
+            f"and data.flip={d.flip}: a cache would freeze one random crop/flip per image. Set "
+            "data.crop='center' and data.flip=False, or disable latent_cache."
+        )
+    if config.conditioning_key in ("concat", "hybrid"):
+        raise UserError(
+            f"latent_cache cannot serve conditioning_key={config.conditioning_key!r}: the "
+            "dense condition is made from the image, which the cache does not hold. Disable "
+            "latent_cache for this experiment."
+        )
+
+
+def _features(source: Source, label_key, caption_key, shape) -> tfds.features.FeaturesDict:
+    feats = {"latent": tfds.features.Tensor(shape=shape, dtype=np.float32)}
+    if label_key:
+        feats["label"] = tfds.features.Scalar(dtype=np.int64)
+    if caption_key:
+        feats["caption"] = tfds.features.Sequence(tfds.features.Text())
+    return tfds.features.FeaturesDict(feats)
+
+
+def _encoded_batches(config, encode_fn, global_batch):
+    """Yields (global index of the first row, codes [n, h, w, k] numpy) on every process;
+    the codes of all processes are gathered, padding removed."""
+    batch_size = config.latent_cache.batch_size
+    data_cfg = config.data.copy_and_resolve_references()
+    with data_cfg.unlocked():
+        data_cfg.crop, data_cfg.flip = "center", False
+    start = 0
+    for local in pipeline.eval_batches(
+        data_cfg, global_batch_size=batch_size, split=config.data.train_split
+    ):
+        codes = encode_fn(global_batch({"image": local["image"]})["image"])
+        codes = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+        mask = np.asarray(
+            multihost_utils.process_allgather(global_batch({"m": local["mask"]})["m"], tiled=True)
+        )
+        n = int(mask.sum())  # padding sits at the end of the last batch only
+        yield start, codes[:n]
+        start += n
+
+
+def build(config, first_stage, encode_fn, global_batch) -> Source:
+    """Opens the cache for this run, encoding and writing it first if missing.
+
+    encode_fn: jitted images -> codes on the mesh; global_batch: dict of process-local
+    numpy -> dict of global arrays sharded over the batch axes. Call on every process.
+    """
+    check_cacheable(config)
+    root = cache_dir(config, first_stage)
+    expected = provenance(config, first_stage)
+    prov_path = root / PROVENANCE
+    if prov_path.exists():
+        found = json.loads(prov_path.read_text())
+        diff = [k for k in expected if found.get(k) != expected[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(
+                f"the latent cache {root} was made from {k}={found.get(k)!r}, but this run "
+                f"has {k}={expected[k]!r}. It is left as it is: delete it to re-encode, or "
+                "set config.latent_cache.dir to another directory."
+            )
+    builder_kw = dict(data_dir=str(root), file_format="array_record")
+    if not LatentCacheBuilder(**builder_kw).is_prepared():
+        _write(config, first_stage, encode_fn, global_batch, root, expected, builder_kw)
+    builder = read_only_builder.builder_from_directory(
+        LatentCacheBuilder(**builder_kw).data_dir
+    )
+    split = config.data.train_split
+    return Source("latent_cache", split, str(root), builder, builder.as_data_source(split=split))
+
+
+def _write(config, first_stage, encode_fn, global_batch, root, expected, builder_kw):
+    is_lead = jax.process_index() == 0
+    d = config.data
+    raw = open_source(d.name, d.train_split, d.data_dir)
+    label_key = d.label_key if d.label_key and raw.has_feature(d.label_key) else None
+    caption_key = d.caption_key if d.caption_key and raw.has_feature(d.caption_key) else None
+    s = d.image_size // first_stage.factor
+    shape = (s, s, first_stage.code_channels)
+    batches = _encoded_batches(config, encode_fn, global_batch)
+    if is_lead:
+        print(f"latent cache: encoding {len(raw)} examples of {d.name}/{d.train_split} -> {root}")
+
+        def examples():
+            for start, codes in batches:
+                for j, code in enumerate(codes):
+                    i = start + j
+                    example = raw[i]
+                    out = {"latent": code.astype(np.float32)}
+                    if label_key:
+                        out["label"] = int(pipeline.lookup(example, label_key))
+                    if caption_key:
+                        out["caption"] = [str(c) for c in np.ravel(
+                            pipeline.lookup(example, caption_key)
+                        )]
+                    yield i, out
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / PROVENANCE).write_text(json.dumps(expected, indent=2) + "\n")
+        builder = LatentCacheBuilder(
+            features=_features(raw, label_key, caption_key, shape),
+            examples=examples(),
+            split=d.train_split,
+            **builder_kw,
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    else:
+        for _ in batches:  # take part in the collective encode; process 0 writes
+            pass
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ldm_jax:latent_cache_written")

@@ -1,0 +1,109 @@
+"""Latent caching: the training split encoded once by the frozen first stage, on the mesh,
+stored as array_record and trained from; guarded by its provenance."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.config_loader import load_config
+from ldm_jax.data import open_source
+from ldm_jax.errors import UserError
+from ldm_jax.training.loop import Trainer
+
+CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
+
+
+def _config(ae_workdir, data_dir, cache, **overrides):
+    c = load_config(CONFIG, lock=False)
+    c.first_stage.workdir = str(ae_workdir)
+    c.data.data_dir = data_dir
+    c.latent_cache.enabled = True
+    c.latent_cache.dir = str(cache)
+    c.latent_cache.batch_size = 256  # 1,536 train digits: 6 batches over 8 fake devices
+    c.batch_size = c.train.eval_batch_size = 8
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def _build(config, workdir):
+    trainer = Trainer(config, workdir)
+    with jax.set_mesh(trainer.mesh):
+        trainer.frozen = jax.device_put(trainer.task.frozen_params(), trainer.replicated)
+        return trainer, trainer.task.train_source(trainer._encode_on_mesh)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_autoencoder_run, data_dir):
+    root = tmp_path_factory.mktemp("cache")
+    config = _config(tiny_autoencoder_run[0], data_dir, root / "digits")
+    trainer, source = _build(config, root / "run")
+    return config, trainer, source, root / "digits"
+
+
+def test_cache_holds_every_example_with_its_codes_label_and_caption(cache, data_dir):
+    config, trainer, source, _ = cache
+    raw = open_source("digits", "train", data_dir)
+    assert len(source) == len(raw) == 1536
+    task, fs = trainer.task, trainer.task.first_stage
+    idx = [0, 1, 777, 1535]
+    images = np.stack([raw[i]["image"] for i in idx]).astype(np.float32) / 127.5 - 1.0
+    want = jax.jit(fs.codes)(trainer.frozen["first_stage"], images)
+    got = np.stack([source[i]["latent"] for i in idx])
+    assert got.shape == (4, 8, 8, 2 * fs.latent_channels)  # KL: mean and logvar
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for i in idx:
+        assert source[i]["label"] == raw[i]["label"]
+        assert list(source[i]["caption"]) == [raw[i]["caption"]]
+    assert task.first_stage.code_channels == 2 * fs.latent_channels
+
+
+def test_training_from_codes_equals_training_from_images(cache, data_dir):
+    """The step's latents from cached codes equal those from encoding the images, for the
+    same rng (a fresh posterior sample either way), so the rest of the step is identical."""
+    config, trainer, source, _ = cache
+    from ldm_jax.data import TrainIterator
+
+    cached = next(TrainIterator(config.data, global_batch_size=8, seed=3, source=source))
+    plain = next(TrainIterator(config.data, global_batch_size=8, seed=3))
+    np.testing.assert_array_equal(cached["label"], plain["label"])
+    task, rng = trainer.task, jax.random.PRNGKey(7)
+    z_codes = jax.jit(task._latents)(trainer.frozen, {"latent": cached["latent"]}, rng)
+    z_images = jax.jit(task._latents)(trainer.frozen, {"image": plain["image"]}, rng)
+    np.testing.assert_allclose(z_codes, z_images, rtol=1e-5, atol=1e-5)
+    assert (
+        float(
+            np.std(
+                np.asarray(z_codes)
+                - np.asarray(
+                    jax.jit(task._latents)(
+                        trainer.frozen, {"latent": cached["latent"]}, jax.random.PRNGKey(8)
+                    )
+                )
+            )
+        )
+        > 0
+    )  # KL codes are sampled afresh each step, not frozen
+
+
+def test_cache_made_from_another_checkpoint_is_refused_and_kept(cache, tmp_path):
+    config, _, _, root = cache
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    other = config.copy_and_resolve_references()
+    other.first_stage.step = 2  # the cache was made from the latest (step 4)
+    with pytest.raises(UserError, match="autoencoder_checkpoint") as err:
+        _build(other, tmp_path / "run")
+    assert "delete it" in str(err.value) and str(root) in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    prov = json.loads((root / "provenance.json").read_text())
+    assert prov["autoencoder_checkpoint"].endswith("/checkpoints/4")
+
+
+def test_random_augmentation_cannot_be_cached(tiny_autoencoder_run, data_dir, tmp_path):
+    config = _config(tiny_autoencoder_run[0], data_dir, tmp_path / "c", data__crop="random")
+    with pytest.raises(UserError, match="deterministic preprocessing"):
+        Trainer(config, tmp_path / "run")
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,118 @@
+"""Real multi-process jobs on localhost (launch/local.py, gloo collectives on CPU): the
+same losses as one device, preemption by SIGTERM, a dead peer, and checkpoints that
+restore across process counts."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from toy import AE_CONFIG, ROOT, launch_command, launch_env, run_launched, run_module
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _ae_args(workdir, data_dir, steps=3, *extra):
+    return [
+        f"--config={AE_CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.progress_bar=False",
+        "--config.batch_size=8",
+        f"--config.train.num_steps={steps}",
+        "--config.train.checkpoint_every=1000",
+        "--config.distributed.heartbeat_timeout_s=10",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_ae(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("single") / "ae"
+    run_module("ldm_jax.train", *_ae_args(workdir, data_dir))
+    return workdir
+
+
+def test_two_processes_train_like_one_device(single_ae, data_dir, tmp_path):
+    workdir = tmp_path / "ae2"
+    proc = run_launched(2, 2, "ldm_jax.train", *_ae_args(workdir, data_dir))
+    assert "[0] done: step 3" in proc.stdout and "[1] done: step 3" in proc.stdout
+    one, two = _losses(single_ae), _losses(workdir)
+    assert sorted(two) == [1, 2, 3]
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+    m1 = json.loads((single_ae / "metrics.json").read_text())["eval"]
+    m2 = json.loads((workdir / "metrics.json").read_text())["eval"]
+    assert m1["num_examples"] == m2["num_examples"]  # each eval example counted once
+    np.testing.assert_allclose(m2["psnr"], m1["psnr"], rtol=1e-5)
+
+
+def _rank_pids(launcher_pid):
+    """{rank: pid} of the launcher's children, read from their environment."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True)
+    pids = {}
+    for pid in map(int, out.stdout.split()):
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        for item in env:
+            if item.startswith(b"LDM_JAX_PROCESS_ID="):
+                pids[int(item.split(b"=", 1)[1])] = pid
+    return pids
+
+
+def _start(workdir, data_dir, steps):
+    cmd = launch_command(2, 2, "ldm_jax.train", *_ae_args(workdir, data_dir, steps))
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir) or [0]) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"training did not reach step {step}")
+
+
+def test_sigterm_to_one_rank_saves_all_at_one_step_and_resumes(data_dir, tmp_path):
+    workdir = tmp_path / "pre"
+    proc = _start(workdir, data_dir, steps=10_000)
+    _wait_for_step(workdir, 2, proc)
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    saved = [
+        int(line.split("saved step ")[1].split()[0])
+        for line in out.splitlines()
+        if "preempted: saved step" in line
+    ]
+    assert len(saved) == 2 and saved[0] == saved[1] >= 2, out  # both ranks, same step
+    step = saved[0]
+    assert (
+        sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1]
+        == step
+    )
+    # The next start (here: one process on one device) resumes there.
+    resumed = run_module("ldm_jax.train", *_ae_args(workdir, data_dir, step + 1))
+    assert f"resumed from {workdir}/checkpoints/{step} (step {step})" in resumed.stdout
+
+
+def test_dead_peer_makes_the_others_exit_nonzero_quickly(data_dir, tmp_path):
+    workdir = tmp_path / "dead"
+    proc = _start(workdir, data_dir, steps=10_000)
+    _wait_for_step(workdir, 1, proc)
+    t0 = time.time()
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "rank 1 died first (exit code -9)" in err, err
+    assert "stopping rank 0" not in err  # rank 0 noticed and exited by itself
+    assert elapsed < 45, elapsed
