@@ -32,7 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 8  # global, over all processes and devices
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Device mesh within a slice (one size may be -1: fill), and across slices (DCN) for
+    # multi-slice TPU jobs.
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    )
     # Multi-host: coordinates (or auto-detection) and the dead-peer timeout.
     c.distributed = distributed.default_config()
 
@@ -70,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
             # SIGTERM -> all processes save at one step and exit 0; multi-process runs agree
             # on it by an all-gather every this many steps.
             preemption_check_every=1,
+            # Diffusion stage: the batch's gradient as the mean over this many microbatches.
+            grad_accum_steps=1,
         )
     )
     return c
@@ -105,7 +111,8 @@ def autoencoder_config(
             n_embed=n_embed,
             beta=0.25,
             norm_groups=32,
-            dtype="float32",
+            dtype="float32",  # compute dtype ("bfloat16": bf16 compute, fp32 master weights)
+            remat="none",  # or "attention" / "full": recompute activations in backward
         )
     )
     c.loss = ml_collections.ConfigDict(
@@ -207,7 +214,8 @@ def diffusion_config(
             dropout=0.0,
             legacy=True,
             norm_groups=32,
-            dtype="float32",
+            dtype="float32",  # compute dtype ("bfloat16": bf16 compute, fp32 master weights)
+            remat="none",  # or "attention" / "full": recompute activations in backward
         )
     )
     c.conditioning_key = ml_collections.FieldReference(None, field_type=str)

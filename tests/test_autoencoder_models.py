@@ -361,3 +361,23 @@ def test_discriminator_batch_stats_update_in_train_mode():
     assert not np.allclose(before["var"], after["var"])
     # Eval mode reads running stats and mutates nothing.
     assert d.apply(v, x, train=False).shape == (2, 6, 6, 1)
+
+
+@pytest.mark.parametrize("remat", ["attention", "full"])
+def test_remat_keeps_params_and_gradients(kl_model_and_vars, remat):
+    model, variables, x = kl_model_and_vars
+    other = ae.from_config(toy_cfg(remat=remat))
+    params = variables["params"]
+    shapes = jax.eval_shape(lambda: other.init({"params": key(0), "sample": key(1)}, x))
+    assert jax.tree.structure(nn.unbox(shapes)["params"]) == jax.tree.structure(params)
+
+    def grads(m):
+        def loss(p):
+            out = m.apply({"params": p}, x, sample_posterior=False)
+            return jnp.mean((out.recon - x) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l0, g0), (l1, g1) = grads(model), grads(other)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)

@@ -103,3 +103,10 @@ def test_mesh_shapes(sizes, n, want):
 def test_bad_mesh_shapes(sizes):
     with pytest.raises(UserError, match="mesh"):
         mesh_lib.resolve_mesh_shape(sizes, 8)
+
+
+def test_multislice_mesh_needs_a_multislice_job():
+    cfg = load_config("configs/autoencoder/quickstart.py:runlocal", lock=False).mesh
+    cfg.dcn_data = 2
+    with pytest.raises(UserError, match="2 slices"):
+        mesh_lib.make_mesh(cfg)

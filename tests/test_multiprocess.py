@@ -39,9 +39,15 @@ def single_ae(tmp_path_factory, data_dir):
     return workdir
 
 
-def test_two_processes_train_like_one_device(single_ae, data_dir, tmp_path):
-    workdir = tmp_path / "ae2"
+@pytest.fixture(scope="module")
+def two_process_ae(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("two") / "ae2"
     proc = run_launched(2, 2, "ldm_jax.train", *_ae_args(workdir, data_dir))
+    return workdir, proc
+
+
+def test_two_processes_train_like_one_device(single_ae, two_process_ae):
+    workdir, proc = two_process_ae
     assert "[0] done: step 3" in proc.stdout and "[1] done: step 3" in proc.stdout
     one, two = _losses(single_ae), _losses(workdir)
     assert sorted(two) == [1, 2, 3]
@@ -116,3 +122,50 @@ def test_dead_peer_makes_the_others_exit_nonzero_quickly(data_dir, tmp_path):
     assert "rank 1 died first (exit code -9)" in err, err
     assert "stopping rank 0" not in err  # rank 0 noticed and exited by itself
     assert elapsed < 45, elapsed
+
+
+def _digest(output: str) -> dict:
+    line = next(ln for ln in output.splitlines() if '"sha256"' in ln)
+    return json.loads(line[line.index("{") :])
+
+
+def test_checkpoint_of_two_processes_restores_bit_exact_anywhere(two_process_ae):
+    """Written by 2 processes x 2 devices; restored by 1 process on 1 device, by 1 process
+    on 8 devices with fsdp=8, and by 4 processes x 2 devices: identical arrays."""
+    workdir = two_process_ae[0]
+    one = _digest(run_module("ldm_jax.inspect_checkpoint", f"--workdir={workdir}").stdout)
+    from ldm_jax import inspect_checkpoint
+
+    eight = inspect_checkpoint.main([f"--workdir={workdir}", "--mesh=1,8,1"])
+    four = run_launched(4, 2, "ldm_jax.inspect_checkpoint", f"--workdir={workdir}", "--mesh=2,4,1")
+    four = _digest(four.stdout)
+    assert one["step"] == eight["step"] == four["step"] == 3
+    assert eight["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and four["processes"] == 4
+    assert one["sha256"] == eight["sha256"] == four["sha256"]
+    assert one["elements"] > 10_000
+
+
+def test_four_processes_train_the_diffusion_stage_like_one_device(
+    data_dir, tiny_autoencoder_run, tmp_path
+):
+    """The second stage in 4 processes x 2 devices, its latent cache encoded by all of
+    them and written by process 0: the single-device losses."""
+    common = [
+        "--config=configs/diffusion/quickstart_digits.py:runlocal",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.first_stage.workdir={tiny_autoencoder_run[0]}",
+        "--config.train.progress_bar=False",
+        "--config.batch_size=8",
+        "--config.train.eval_batch_size=8",
+        "--config.train.num_steps=3",
+        "--config.train.checkpoint_every=1000",
+        "--config.distributed.heartbeat_timeout_s=10",
+    ]
+    one, four = tmp_path / "one", tmp_path / "four"
+    run_module("ldm_jax.train", f"--workdir={one}", *common,
+               f"--config.latent_cache.dir={tmp_path / 'cache1'}")  # fmt: skip
+    proc = run_launched(4, 2, "ldm_jax.train", f"--workdir={four}", *common,
+                        f"--config.latent_cache.dir={tmp_path / 'cache4'}")  # fmt: skip
+    assert all(f"[{r}] done: step 3" in proc.stdout for r in range(4)), proc.stdout
+    a, b = _losses(one), _losses(four)
+    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)

@@ -146,3 +146,20 @@ def test_fsdp_splits_a_paper_unet_eightfold(name):
     )
     per_device = mesh_lib.bytes_per_device(abstract, shardings)
     assert per_device <= 1.15 * total / 8, (per_device, total)
+
+
+def test_gradient_accumulation_equals_the_large_batch(tasks, tiny_autoencoder_run):
+    """grad_accum_steps=4 (microbatches of 2, on a (2, 4, 1) mesh) gives the batch-of-8
+    step: loss and gradients to 1e-5."""
+    from ldm_jax.training.diffusion import DiffusionTask
+
+    task, frozen = tasks["ldm"]
+    c = task.config.copy_and_resolve_references()
+    c.train.grad_accum_steps = 4
+    accum = DiffusionTask(c, first_stage=task.first_stage)
+    batch = _batches("ldm", 8)[0]
+    state = jax.device_get(_init(task, _mesh((1, 1, 1))))
+    want = _stepper(task, _mesh((1, 1, 1)), frozen)(state, batch)
+    got = _stepper(accum, _mesh((2, 4, 1)), frozen)(state, batch)
+    _compare(got, want, task.learning_rate, "accumulated: ")
+    np.testing.assert_allclose(got[1]["grad_norm"], want[1]["grad_norm"], rtol=1e-5)

@@ -13,7 +13,7 @@ from ldm_jax import config_common as common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, runlocal=False, text=False, steps=1500)
+    args = common.parse_arg(arg, runlocal=False, text=False, steps=1000)
     c = common.diffusion_config(
         first_stage_workdir="runs/quickstart/autoencoder",
         model_channels=64,

@@ -235,7 +235,6 @@ class SpatialTransformer(nn.Module):
         self,
         x: jax.Array,
         context: jax.Array | None = None,
-        *,
         context_mask: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:  # x [B, H, W, C], context [B, M, Cc] -> [B, H, W, C]

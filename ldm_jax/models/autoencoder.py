@@ -39,6 +39,9 @@ def _check_attn_type(attn_type: str) -> None:
         raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
 
 
+REMAT_POLICIES = ("none", "attention", "full")
+
+
 class Encoder(nn.Module):
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -50,6 +53,7 @@ class Encoder(nn.Module):
     double_z: bool = True
     attn_type: str = "vanilla"
     norm_groups: int = 32
+    remat: str = "none"  # "attention" / "full": recompute those blocks in the backward pass
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -63,12 +67,12 @@ class Encoder(nn.Module):
         curr_res = self.resolution
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
-                h = ResnetBlock(
+                h = _resnet(self)(
                     self.ch * mult, self.dropout, norm_groups=self.norm_groups,
                     name=f"down_{i}_block_{j}", **kw,
-                )(h, train=train)  # fmt: skip
+                )(h, None, train)  # fmt: skip
                 if use_attn and curr_res in self.attn_resolutions:
-                    h = AttnBlock(self.norm_groups, name=f"down_{i}_attn_{j}", **kw)(h)
+                    h = _attn(self)(self.norm_groups, name=f"down_{i}_attn_{j}", **kw)(h)
             if i != len(self.ch_mult) - 1:
                 h = Downsample(h.shape[-1], name=f"down_{i}_downsample", **kw)(h)
                 curr_res //= 2
@@ -82,10 +86,26 @@ def _mid(mod: nn.Module, h: jax.Array, train: bool) -> jax.Array:
     """block_1 -> attn_1 -> block_2 at the bottleneck; attention unless attn_type == 'none'."""
     kw = dict(dtype=mod.dtype, param_dtype=mod.param_dtype, norm_groups=mod.norm_groups)
     c = h.shape[-1]
-    h = ResnetBlock(c, mod.dropout, name="mid_block_1", **kw)(h, train=train)
+    h = _resnet(mod)(c, mod.dropout, name="mid_block_1", **kw)(h, None, train)
     if mod.attn_type != "none":
-        h = AttnBlock(name="mid_attn_1", **kw)(h)
-    return ResnetBlock(c, mod.dropout, name="mid_block_2", **kw)(h, train=train)
+        h = _attn(mod)(name="mid_attn_1", **kw)(h)
+    return _resnet(mod)(c, mod.dropout, name="mid_block_2", **kw)(h, None, train)
+
+
+def _check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat {remat!r}; valid: {list(REMAT_POLICIES)}")
+
+
+def _resnet(mod: nn.Module):
+    """ResnetBlock, rematerialised under remat='full' (static_argnums count self:
+    (self, x, temb, train))."""
+    _check_remat(mod.remat)
+    return nn.remat(ResnetBlock, static_argnums=(3,)) if mod.remat == "full" else ResnetBlock
+
+
+def _attn(mod: nn.Module):
+    return nn.remat(AttnBlock) if mod.remat in ("attention", "full") else AttnBlock
 
 
 class Decoder(nn.Module):
@@ -98,6 +118,7 @@ class Decoder(nn.Module):
     resolution: int = 256
     attn_type: str = "vanilla"
     norm_groups: int = 32
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -114,12 +135,12 @@ class Decoder(nn.Module):
         # The reference indexes up levels by i_level but builds/runs them deepest first.
         for i in reversed(range(n_levels)):
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(
+                h = _resnet(self)(
                     self.ch * self.ch_mult[i], self.dropout, norm_groups=self.norm_groups,
                     name=f"up_{i}_block_{j}", **kw,
-                )(h, train=train)  # fmt: skip
+                )(h, None, train)  # fmt: skip
                 if use_attn and curr_res in self.attn_resolutions:
-                    h = AttnBlock(self.norm_groups, name=f"up_{i}_attn_{j}", **kw)(h)
+                    h = _attn(self)(self.norm_groups, name=f"up_{i}_attn_{j}", **kw)(h)
             if i != 0:
                 h = Upsample(h.shape[-1], name=f"up_{i}_upsample", **kw)(h)
                 curr_res *= 2
@@ -231,7 +252,7 @@ def _coder_kwargs(m: nn.Module) -> dict:
         ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
         resolution=m.resolution, attn_type=m.attn_type, norm_groups=m.norm_groups,
-        dtype=m.dtype, param_dtype=m.param_dtype,
+        remat=m.remat, dtype=m.dtype, param_dtype=m.param_dtype,
     )  # fmt: skip
 
 
@@ -249,6 +270,7 @@ class AutoencoderKL(nn.Module):
     double_z: bool = True
     attn_type: str = "vanilla"
     norm_groups: int = 32
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -295,6 +317,7 @@ class VQModel(nn.Module):
     beta: float = 0.25
     attn_type: str = "vanilla"
     norm_groups: int = 32
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -346,7 +369,8 @@ def from_config(model_cfg) -> nn.Module:
         in_channels=get("in_channels", 3), out_ch=get("out_ch", 3),
         resolution=get("resolution"), z_channels=get("z_channels"),
         embed_dim=get("embed_dim"), attn_type=get("attn_type", "vanilla"),
-        norm_groups=get("norm_groups", 32), dtype=_DTYPES[dtype_name],
+        norm_groups=get("norm_groups", 32), remat=get("remat", "none"),
+        dtype=_DTYPES[dtype_name],
     )  # fmt: skip
     if kind == "kl":
         return AutoencoderKL(double_z=get("double_z", True), **common)

@@ -243,7 +243,7 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False
+        self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
     ) -> jax.Array:  # x [B, H, W, Cin], temb [B, T] -> [B, H, W, Cout]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(self.norm_groups, name="norm1", **kw)(x)

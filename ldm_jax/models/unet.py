@@ -22,6 +22,7 @@ from ldm_jax.models.layers import swish
 
 Dtype = Any
 ACT_AXES = ("batch", None, None, "conv_out")
+REMAT_POLICIES = ("none", "attention", "full")
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -108,7 +109,7 @@ class UNetResBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         # x [B, H, W, Cin], emb [B, E] -> [B, H', W', Cout]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = self.out_channels
@@ -240,6 +241,9 @@ class UNetModel(nn.Module):
     legacy: bool = True
     norm_groups: int = 32
     attention_impl: str = "auto"
+    # Rematerialisation: recompute activations in the backward pass instead of storing
+    # them, for "attention" blocks only or for every ResBlock and attention block ("full").
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -250,6 +254,8 @@ class UNetModel(nn.Module):
         return {**out, f"{middle.name}_1": middle.attn}
 
     def _check(self, x, context, y) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {self.remat!r}; valid: {list(REMAT_POLICIES)}")
         if self.use_spatial_transformer != (self.context_dim is not None):
             raise ValueError(
                 "UNetModel: use_spatial_transformer=True needs context_dim and context_dim "
@@ -324,7 +330,9 @@ class UNetModel(nn.Module):
         return layers.conv(self.out_channels, 3, kernel_init=zeros, name="out_2", **hkw)(h)
 
     def _resblock(self, out, name, h, emb, train, **updown):
-        return UNetResBlock(
+        # static_argnums count self: (self, x, emb, train)
+        cls = nn.remat(UNetResBlock, static_argnums=(3,)) if self.remat == "full" else UNetResBlock
+        return cls(
             out,
             self.dropout,
             self.use_scale_shift_norm,
@@ -333,14 +341,18 @@ class UNetModel(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
             **updown,
-        )(h, emb, train=train)
+        )(h, emb, train)
 
     def _attention(self, heads_dim, name, h, context, train):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         heads, dim_head = heads_dim
+        remat = self.remat in ("attention", "full")
         if not self.use_spatial_transformer:
-            return AttentionBlock(heads, self.norm_groups, self.attention_impl, **kw)(h)
-        return SpatialTransformer(
+            cls = nn.remat(AttentionBlock) if remat else AttentionBlock
+            return cls(heads, self.norm_groups, self.attention_impl, **kw)(h)
+        # static_argnums count self: (self, x, context, context_mask, train)
+        cls = nn.remat(SpatialTransformer, static_argnums=(4,)) if remat else SpatialTransformer
+        return cls(
             heads,
             dim_head,
             depth=self.transformer_depth,
@@ -348,7 +360,7 @@ class UNetModel(nn.Module):
             norm_groups=self.norm_groups,
             attention_impl=self.attention_impl,
             **kw,
-        )(h, context, train=train)
+        )(h, context, None, train)
 
     def _block(self, block: _Block, h, emb, context, train):
         """One TimestepEmbedSequential: [ResBlock] [attention] [Downsample | Upsample]."""

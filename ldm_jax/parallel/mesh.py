@@ -71,17 +71,39 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh from `config.mesh` with Auto axis types."""
+    """Builds the (data, fsdp, tensor) mesh from `config.mesh` with Auto axis types.
+
+    `mesh.data/fsdp/tensor` are the sizes within a slice (one -1 fills); for a multi-slice
+    TPU job `mesh.dcn_data/dcn_fsdp/dcn_tensor` (default 1) multiply them across slices,
+    so that only the axes named there talk over the data-centre network.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    dcn = tuple(int(getattr(mesh_cfg, f"dcn_{a}", 1) or 1) for a in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn) > 1:
+        return _multislice_mesh(mesh_cfg, dcn, devices, axis_types)
     shape = resolve_mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
     if len(devices) == len(jax.devices()):
-        return jax.make_mesh(
-            shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-        )
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     # A sub-mesh (e.g. one device of eight in tests): jax.make_mesh insists on all devices.
-    return Mesh(
-        np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape)
-    )
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _multislice_mesh(mesh_cfg, dcn, devices, axis_types) -> Mesh:
+    from jax.experimental import mesh_utils
+
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None in slices or len(slices) != math.prod(dcn):
+        raise UserError(
+            f"config.mesh asks for {math.prod(dcn)} slices (dcn sizes "
+            f"{dict(zip(MESH_AXES, dcn))}) but the devices come from "
+            f"{'no multi-slice job' if None in slices else f'{len(slices)} slices'}; set "
+            "mesh.dcn_data/dcn_fsdp/dcn_tensor to 1 or run on a multi-slice TPU job."
+        )
+    per_slice = len(devices) // len(slices)
+    ici = resolve_mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), per_slice)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

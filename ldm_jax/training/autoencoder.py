@@ -67,6 +67,13 @@ class AutoencoderTask:
         self.disc_tx = optax.adam(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps)
 
     def validate(self) -> None:
+        if int(self.config.train.get("grad_accum_steps", 1) or 1) != 1:
+            raise UserError(
+                "config.train.grad_accum_steps must be 1 for the autoencoder stage: the "
+                "discriminator's BatchNorm statistics and the adaptive GAN weight are "
+                "defined on the whole batch. Lower config.batch_size (or use fsdp / remat) "
+                "to save memory instead."
+            )
         size, f = self.config.data.image_size, ae_models.downsampling_factor(self.config.model)
         if size % f:
             raise UserError(

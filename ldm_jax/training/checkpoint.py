@@ -25,12 +25,22 @@ class CorruptCheckpointError(UserError):
     """A checkpoint exists but cannot be read."""
 
 
+# Model settings that change how a step runs, not which parameters exist: a run may
+# resume with other values (e.g. bf16 compute or rematerialisation on a smaller device).
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "attention_impl")
+
+
 def architecture(config) -> dict:
     """What must match for a checkpoint to be resumable with this config."""
     arch = {"stage": config.stage, "model": json.loads(config.model.to_json())}
     if "cond" in config:
         arch["cond"] = json.loads(config.cond.to_json())
-    return arch
+    return _without_runtime_keys(arch)
+
+
+def _without_runtime_keys(arch: dict) -> dict:
+    model = {k: v for k, v in arch.get("model", {}).items() if k not in RUNTIME_MODEL_KEYS}
+    return {**arch, "model": model}
 
 
 def metadata(config) -> dict:
@@ -86,7 +96,7 @@ class Checkpointer:
                 "choose another --workdir."
             ) from e
         want = architecture(config)
-        meta = {k: v for k, v in meta.items() if k != "config"}
+        meta = _without_runtime_keys({k: v for k, v in meta.items() if k != "config"})
         if meta != want:
             diffs = _diff(meta, want)
             raise CheckpointMismatchError(

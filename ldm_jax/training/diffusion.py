@@ -24,7 +24,7 @@ from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import outputs
+from ldm_jax.training import accumulate, outputs
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.conditioner import Conditioner
 from ldm_jax.training.first_stage import FirstStage
@@ -83,7 +83,17 @@ class DiffusionTask:
                 u.num_classes = self.cond.n_classes + 1  # the last id is the null class
         return u
 
+    @property
+    def grad_accum_steps(self) -> int:
+        return int(self.config.train.get("grad_accum_steps", 1) or 1)
+
     def validate(self) -> None:
+        k, b = self.grad_accum_steps, self.config.batch_size
+        if k < 1 or b % k:
+            raise UserError(
+                f"config.train.grad_accum_steps={k} must be >= 1 and divide "
+                f"config.batch_size={b} (microbatches of equal size)."
+            )
         if _cache_enabled(self.config):
             latent_cache.check_cacheable(self.config)
         size, f = self.config.data.image_size, self.first_stage.factor
@@ -192,23 +202,29 @@ class DiffusionTask:
         z0, t, noise, z_t = self._noised_latents(state, frozen, batch, r_enc, r_t, r_noise)
         inputs = self.cond.drop(_cond_inputs(batch), r_cfg, self.config.cond.drop_rate)
 
-        def loss_fn(params):
+        def loss_fn(params, mb, r_drop):
             out = self._apply(
-                params["unet"], params["cond"], frozen, z_t, t, inputs, images, True, r_drop
-            )
+                params["unet"], params["cond"], frozen, mb["z_t"], mb["t"], mb["inputs"],
+                mb.get("images"), True, r_drop,
+            )  # fmt: skip
             loss, _ = objectives.diffusion_loss(
                 self.sched,
                 out,
-                z0,
-                noise,
-                t,
+                mb["z0"],
+                mb["noise"],
+                mb["t"],
                 parameterization=dc.parameterization,
                 loss_type=dc.loss_type,
                 min_snr_gamma=dc.min_snr_gamma,
             )
             return loss
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        mb = {"z0": z0, "t": t, "noise": noise, "z_t": z_t, "inputs": inputs}
+        if images is not None:
+            mb["images"] = images
+        loss, grads = accumulate.mean_value_and_grad(
+            loss_fn, state.params, mb, self.grad_accum_steps, r_drop
+        )
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, self.config.ema.decay)

@@ -80,6 +80,13 @@ class Trainer:
         self.task.validate()
         self.mesh = mesh_lib.make_mesh(config.mesh)
         _check_batch("config.batch_size", config.batch_size, self.mesh)
+        accum = int(config.train.get("grad_accum_steps", 1) or 1)
+        if accum > 1:
+            _check_batch(
+                f"config.batch_size / grad_accum_steps = {config.batch_size}/{accum}",
+                config.batch_size // accum,
+                self.mesh,
+            )
         _check_batch("config.train.eval_batch_size", config.train.eval_batch_size, self.mesh)
         if config.get("latent_cache") and config.latent_cache.enabled:
             _check_batch(
@@ -191,7 +198,10 @@ class Trainer:
         _prepare_data(config)
         ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tc.keep_checkpoints)
         with jax.set_mesh(self.mesh):
-            self.frozen = jax.device_put(self.task.frozen_params(), self.replicated)
+            # Through host memory: a single-device array cannot move onto a mesh that
+            # spans other processes' devices.
+            frozen = jax.device_get(self.task.frozen_params())
+            self.frozen = jax.device_put(frozen, self.replicated)
             source = None
             if hasattr(self.task, "train_source"):  # e.g. a latent cache
                 source = self.task.train_source(self._encode_on_mesh)

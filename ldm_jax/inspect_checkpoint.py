@@ -1,0 +1,99 @@
+"""Restore a run's checkpoint onto this job's mesh and print a digest of every array.
+
+    python -m ldm_jax.inspect_checkpoint --workdir runs/kl_f8 [--step N] [--mesh 1,8,1]
+
+Any process count and mesh may restore any checkpoint (the target is built from the
+run's own config); the digest (SHA-256 over each array's bytes in tree order) is the same
+whenever the restored values are, so comparing digests shows a restore is bit-exact.
+Prints one JSON line on process 0: step, number of arrays and elements, digest, and the
+mesh it restored onto. In a multi-process job run it on every process (launch/local.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import sys
+
+
+def digest(state) -> tuple[str, int, int]:
+    """(sha256 hex, arrays, elements) of a pytree of (possibly sharded) arrays."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    h, arrays, elements = hashlib.sha256(), 0, 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        value = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(value.dtype).encode() + str(value.shape).encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+        arrays, elements = arrays + 1, elements + value.size
+    return h.hexdigest(), arrays, elements
+
+
+def run(args) -> dict:
+    import jax
+    import ml_collections
+    from flax import linen as nn
+
+    from ldm_jax.errors import UserError
+    from ldm_jax.parallel import distributed
+    from ldm_jax.parallel import mesh as mesh_lib
+    from ldm_jax.parallel import step as step_lib
+    from ldm_jax.training import checkpoint as ckpt_lib
+    from ldm_jax.training.loop import make_task
+
+    distributed.initialize()
+    workdir = pathlib.Path(args.workdir).absolute()
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
+    steps = ckpt.manager.all_steps()
+    step = (max(steps) if steps else None) if args.step == -1 else args.step
+    if step is None or step not in steps:
+        raise UserError(f"no checkpoint at step {args.step} in {workdir} (steps: {sorted(steps)})")
+    config = ml_collections.ConfigDict(ckpt.read_metadata(step)["config"])
+    if args.mesh:
+        sizes = [int(v) for v in args.mesh.split(",")]
+        config.mesh.update(dict(zip(mesh_lib.MESH_AXES, sizes)))
+    task = make_task(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        shardings = step_lib.state_shardings(task, mesh)
+        abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
+        state, _ = ckpt.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
+        sha, arrays, elements = digest(state)
+    ckpt.close()
+    out = {
+        "step": step,
+        "arrays": arrays,
+        "elements": elements,
+        "sha256": sha,
+        "mesh": dict(mesh.shape),
+        "processes": jax.process_count(),
+    }
+    if jax.process_index() == 0:
+        print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=-1, help="-1: the latest")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: the run's)")
+    args = p.parse_args(argv)
+    from ldm_jax import runtime
+    from ldm_jax.errors import UserError
+
+    runtime.setup()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
