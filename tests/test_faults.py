@@ -45,6 +45,12 @@ def test_exact_resume_is_bitwise(tiny_autoencoder_run, data_dir, tmp_path):
     ea = json.loads((straight / "metrics.json").read_text())["eval"]
     eb = json.loads((resumed / "metrics.json").read_text())["eval"]
     assert ea == eb
+    # Every array of the final state (params, both optimizers, BatchNorm statistics).
+    from ldm_jax import inspect_checkpoint
+
+    da = inspect_checkpoint.main([f"--workdir={straight}", "--step=4"])
+    db = inspect_checkpoint.main([f"--workdir={resumed}", "--step=4"])
+    assert da["sha256"] == db["sha256"] and da["elements"] > 10_000
 
 
 def test_restore_onto_other_meshes_is_bitwise(tiny_autoencoder_run):
