@@ -1,0 +1,84 @@
+"""FID features: images -> the Inception's 299x299 input -> pool3 features [B, 2048].
+
+Preprocessing follows the TensorFlow FID reference (the TTUR code that defined FID, and
+torch-fidelity after it), which the TF 2015-12-05 graph was built for:
+1. images as floats on the 0..255 scale (uint8 as is; ldm_jax's [-1, 1] images mapped by
+   (x + 1) * 127.5, then clipped; no rounding to integers);
+2. resized to 299x299 by TF1's `resize_bilinear` (align_corners=False, no half-pixel
+   centres: source coordinate = destination index x in/out, neighbours clamped at the
+   edge). `resize="torch_bilinear"` uses PyTorch's `interpolate(bilinear,
+   align_corners=False)` (half-pixel centres) as pytorch-fid does;
+3. mapped to the network's domain by (x - 128) / 128.
+Images already 299x299 are not resampled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INCEPTION_SIZE = 299
+RESIZE_MODES = ("tf1_bilinear", "torch_bilinear")
+
+
+def _tf1_axis(in_size: int, out_size: int):
+    """Source indices (lo, hi) and weights of TF1 resize_bilinear along one axis."""
+    src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
+    lo = np.floor(src).astype(np.int32)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def _torch_axis(in_size: int, out_size: int):
+    """PyTorch bilinear, align_corners=False: half-pixel centres, clamped at 0."""
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    src = np.clip(src, 0.0, None)
+    lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_bilinear(x, size: int, mode: str = "tf1_bilinear"):
+    """x [B, H, W, C] float -> [B, size, size, C] by separable linear interpolation."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; valid: {list(RESIZE_MODES)}")
+    axis = _tf1_axis if mode == "tf1_bilinear" else _torch_axis
+    for dim in (1, 2):
+        n = x.shape[dim]
+        if n == size:
+            continue
+        lo, hi, w = axis(n, size)
+        a, b = jnp.take(x, lo, axis=dim), jnp.take(x, hi, axis=dim)
+        shape = [1] * x.ndim
+        shape[dim] = size
+        w = jnp.asarray(w).reshape(shape)
+        x = a + (b - a) * w
+    return x
+
+
+def to_inception_input(images, *, resize: str = "tf1_bilinear"):
+    """uint8 [B, H, W, 3] (0..255) or float [B, H, W, 3] in [-1, 1] -> the network's input
+    [B, 299, 299, 3] in [-1, 1). Grey images ([..., 1]) are repeated to RGB."""
+    x = jnp.asarray(images)
+    if x.dtype == jnp.uint8:
+        x = x.astype(jnp.float32)
+    else:
+        x = jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    x = resize_bilinear(x, INCEPTION_SIZE, resize)
+    return (x - 128.0) / 128.0
+
+
+def feature_fn(params, *, resize: str = "tf1_bilinear"):
+    """A jitted images -> pool3 features [B, 2048] (float32) for the given Inception params."""
+    from ldm_jax.models.inception import FIDInceptionV3
+
+    model = FIDInceptionV3()
+
+    @jax.jit
+    def features(images):
+        return model.apply({"params": params}, to_inception_input(images, resize=resize))
+
+    return features
