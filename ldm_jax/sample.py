@@ -51,39 +51,25 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     import jax
-    import ml_collections
-    from flax import linen as nn
 
     from ldm_jax.diffusion.samplers import get_sampler
     from ldm_jax.errors import UserError
-    from ldm_jax.training import checkpoint as ckpt_lib
     from ldm_jax.training import outputs
-    from ldm_jax.training.diffusion import DiffusionTask
+    from ldm_jax.training.restore import load_run
 
     workdir = pathlib.Path(args.workdir).absolute()
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
-    steps = ckpt.manager.all_steps()
-    if not steps:
-        raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint to sample from.")
-    step = max(steps) if args.step == -1 else args.step
-    if step not in steps:
-        raise UserError(f"no checkpoint at step {step} in {workdir}; steps: {sorted(steps)}")
-    meta = ckpt.read_metadata(step)
-    if meta.get("stage") != "diffusion":
-        raise UserError(
-            f"{workdir} is a {meta.get('stage')!r} run; sampling needs a diffusion run."
-        )
-    config = ml_collections.ConfigDict(meta["config"])
+
+    def overrides(config):
+        sc = config.sampling
+        for key, value in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)):
+            if value is not None:
+                sc[key] = value
+        if args.guidance is not None:
+            sc.guidance_scale = args.guidance
+        get_sampler(sc.sampler)  # unknown name -> error listing the valid ones
+
+    config, task, state, step = load_run(workdir, args.step, "diffusion", overrides)
     sc = config.sampling
-    for key, value in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)):
-        if value is not None:
-            sc[key] = value
-    if args.guidance is not None:
-        sc.guidance_scale = args.guidance
-    get_sampler(sc.sampler)  # unknown name -> error listing the valid ones
-    task = DiffusionTask(config)
-    abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
-    state, _ = ckpt.restore(step, abstract)
     frozen = task.frozen_params()
 
     n = args.num_per_condition

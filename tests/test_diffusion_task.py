@@ -155,3 +155,25 @@ def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
         new_state, frozen, task.cond.labels_inputs([0, 1, 2, 3]), images, jax.random.PRNGKey(3)
     )
     assert x.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x) <= 1.0))
+
+
+def test_evaluate_command_fid_and_accuracy(diffusion_run, data_dir, tmp_path):
+    """FID of 8 samples against 8 cached reference digits, and the digits classifier's
+    accuracy; a second run reuses the reference statistics (same provenance)."""
+    from ldm_jax import evaluate
+
+    args = [
+        f"--workdir={diffusion_run[0]}", "--metric=fid", "--metric=accuracy",
+        "--num_samples=8", "--num_reference=8", "--batch_size=4", "--steps=4",
+        f"--data_dir={data_dir}", f"--stats_dir={tmp_path / 'stats'}",
+    ]  # fmt: skip
+    first = evaluate.main([*args, f"--out={tmp_path / 'a.json'}"])
+    ref = next((tmp_path / "stats").glob("*.npz"))
+    mtime = ref.stat().st_mtime_ns
+    second = evaluate.main([*args, f"--out={tmp_path / 'b.json'}"])
+    assert ref.stat().st_mtime_ns == mtime  # cached statistics reused
+    assert np.isfinite(first["results"]["fid"]) and 0 <= first["results"]["accuracy"] <= 1
+    assert first["results"] == second["results"]  # seeded: the same samples
+    prov = first["reference_stats"]
+    assert prov["num_images"] == 8 and prov["split"] == "train" and prov["crop"] == "center"
+    assert first["settings"]["steps"] == 4 and first["settings"]["sampler"] == "ddim"

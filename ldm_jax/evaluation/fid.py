@@ -82,3 +82,70 @@ def feature_fn(params, *, resize: str = "tf1_bilinear"):
         return model.apply({"params": params}, to_inception_input(images, resize=resize))
 
     return features
+
+
+def weights_fingerprint(path: str) -> str:
+    """sha256 of the Inception weights file (recorded with every statistic)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stats_of_batches(features, batches, image_key: str = "image"):
+    """FeatureStats over `batches` (dicts with images and an optional `mask`), combined
+    over all processes. `features`: images -> [B, 2048]."""
+    from ldm_jax.evaluation.frechet import FeatureStats
+
+    stats = FeatureStats(2048)
+    for batch in batches:
+        stats.update(np.asarray(features(batch[image_key])), batch.get("mask"))
+    return stats.all_processes()
+
+
+def dataset_stats(
+    data_cfg, *, split: str, num_images: int | None, features, weights: str, resize: str,
+    batch_size: int, cache_dir,
+):  # fmt: skip
+    """Reference statistics of a dataset split (center crops at data.image_size), computed
+    once and cached as .npz with their provenance; a cached file is used only when its
+    provenance matches. Returns (FeatureStats, provenance, path)."""
+    import json
+    import pathlib
+    import re
+
+    from ldm_jax.data import pipeline
+    from ldm_jax.data.datasets import open_source, resolve_data_dir
+    from ldm_jax.evaluation.frechet import FeatureStats
+
+    total = len(open_source(data_cfg.name, split, data_cfg.data_dir))
+    n = total if num_images is None else min(int(num_images), total)
+    provenance = {
+        "dataset": data_cfg.name,
+        "data_dir": resolve_data_dir(data_cfg.data_dir),
+        "split": split,
+        "image_size": data_cfg.image_size,
+        "resize_before_crop": data_cfg.resize,
+        "crop": "center",
+        "num_images": n,
+        "inception_resize": resize,
+        "network": "InceptionV3 TF 2015-12-05, pool3",
+        "weights_sha256": weights_fingerprint(weights),
+    }
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_cfg.name}-{split}-{data_cfg.image_size}-{n}")
+    path = pathlib.Path(cache_dir).expanduser() / f"{tag}-{resize}.npz"
+    if path.is_file():
+        stats, found = FeatureStats.load(path)
+        if found == provenance:
+            return stats, provenance, path
+    batches = pipeline.eval_batches(
+        data_cfg, global_batch_size=batch_size, num_examples=n, split=split
+    )
+    stats = stats_of_batches(features, batches)
+    if jax.process_index() == 0:
+        stats.save(path, provenance)
+        (path.with_suffix(".json")).write_text(json.dumps(provenance, indent=2) + "\n")
+    return stats, provenance, path

@@ -1,0 +1,40 @@
+"""Rebuild a run from its workdir alone: the config comes from the checkpoint's metadata,
+so commands that read a run (sample, evaluate) need nothing but its path."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+from flax import linen as nn
+
+from ldm_jax.errors import UserError
+from ldm_jax.training import checkpoint as ckpt_lib
+
+
+def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None):
+    """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
+    of the run when given; `overrides(config)` may edit the config before the task is
+    built (e.g. sampling settings)."""
+    from ldm_jax.training.loop import make_task
+
+    workdir = pathlib.Path(workdir).absolute()
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
+    steps = ckpt.manager.all_steps()
+    if not steps:
+        raise UserError(f"{workdir / 'checkpoints'} holds no checkpoint.")
+    step = max(steps) if step == -1 else step
+    if step not in steps:
+        raise UserError(f"no checkpoint at step {step} in {workdir}; steps: {sorted(steps)}")
+    meta = ckpt.read_metadata(step)
+    if stage is not None and meta.get("stage") != stage:
+        raise UserError(f"{workdir} is a {meta.get('stage')!r} run; this needs a {stage} run.")
+    config = ml_collections.ConfigDict(meta["config"])
+    if overrides is not None:
+        overrides(config)
+    task = make_task(config)
+    abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    return config, task, state, step
