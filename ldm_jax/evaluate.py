@@ -91,20 +91,25 @@ def _diffusion(args, config, task, state, report) -> dict:
             for batch in pipeline.eval_batches(eval_cfg, global_batch_size=b)
             for cap in batch["caption"]
         ]
-    for i in range(-(-n // b)):
-        ids = np.arange(i * b, (i + 1) * b) % max(getattr(task.cond, "n_classes", 0), 1)
+    # Process p draws the samples with global ids p, p + P, p + 2P, ... (P processes), so
+    # a multi-host evaluation splits the work and its statistics add up exactly.
+    p, count = jax.process_index(), jax.process_count()
+    mine = np.arange(p, n, count)
+    for i in range(-(-len(mine) // b)):
+        gid = mine[i * b : (i + 1) * b]
+        real = len(gid)
+        gid = np.concatenate([gid, np.full(b - real, gid[-1])])  # pad the last batch
+        ids = gid % max(getattr(task.cond, "n_classes", 0), 1)
         if task.cond.kind == "class":
             inputs = task.cond.labels_inputs(ids)
         elif captions is not None:
-            inputs = task.cond.encode_prompts(
-                [captions[j % len(captions)] for j in range(i * b, (i + 1) * b)]
-            )
+            inputs = task.cond.encode_prompts([captions[j % len(captions)] for j in gid])
         else:
             inputs = {}
-        rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-        images.append(outputs.to_uint8(sample(state, frozen, inputs, rng)))
-        labels.append(ids)
-    images, labels = np.concatenate(images)[:n], np.concatenate(labels)[:n]
+        rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), int(gid[0]))
+        images.append(outputs.to_uint8(sample(state, frozen, inputs, rng))[:real])
+        labels.append(ids[:real])
+    images, labels = np.concatenate(images), np.concatenate(labels)
     results = {}
     if "fid" in args.metric:
         features, weights = _inception(args)
@@ -115,7 +120,8 @@ def _diffusion(args, config, task, state, report) -> dict:
             weights=weights,
             resize=args.resize, batch_size=b, cache_dir=args.stats_dir,
         )  # fmt: skip
-        gen = fid.stats_of_batches(features, ({"image": images[i : i + b]} for i in range(0, n, b)))
+        own = ({"image": images[i : i + b]} for i in range(0, len(images), b))
+        gen = fid.stats_of_batches(features, own)  # all processes' samples together
         from ldm_jax.evaluation.frechet import fid_from_stats
 
         results["fid"] = fid_from_stats(gen, ref)
@@ -129,7 +135,9 @@ def _diffusion(args, config, task, state, report) -> dict:
         from ldm_jax.evaluation.digits_classifier import DigitsClassifier
 
         clf = DigitsClassifier(config.data.data_dir)
-        results["accuracy"] = clf.accuracy(images.astype(np.float32) / 127.5 - 1.0, labels)
+        acc = clf.accuracy(images.astype(np.float32) / 127.5 - 1.0, labels)
+        correct = _sum_over_processes(np.array([acc * len(labels), len(labels)]))
+        results["accuracy"] = float(correct[0] / correct[1])
     sc = config.sampling
     report["settings"].update(sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
                               guidance_scale=sc.guidance_scale)  # fmt: skip
@@ -170,6 +178,16 @@ def _autoencoder(args, config, task, state, report) -> dict:
     report["settings"]["num_images"] = int(count)
     report["settings"]["split"] = split
     return results
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    import jax
+
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x.astype(np.float32))).sum(axis=0)
 
 
 class _error(Exception):
