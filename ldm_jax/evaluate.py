@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_reference", type=int, default=None, help="reference images (all)")
     p.add_argument("--dataset", default=None, help="TFDS name (default: the run's)")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--split", default=None, help="reference split (default: the run's eval split)")
+    p.add_argument(
+        "--split", default=None,
+        help="FID reference split (default: train) / autoencoder split (default: eval split)",
+    )  # fmt: skip
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -73,9 +76,15 @@ def _data_cfg(config, args):
 def _diffusion(args, config, task, state, report) -> dict:
     import jax
 
+    from ldm_jax.errors import UserError
     from ldm_jax.evaluation import fid
     from ldm_jax.training import outputs
 
+    if "accuracy" in args.metric and (task.cond.kind != "class" or config.data.name != "digits"):
+        raise UserError(
+            "--metric accuracy needs a class-conditional run on digits (the classifier is "
+            "trained on the real digits)."
+        )
     n, b = args.num_samples, args.batch_size
     frozen = task.frozen_params()
     s, c = task.latent_size, task.first_stage.latent_channels
@@ -129,9 +138,6 @@ def _diffusion(args, config, task, state, report) -> dict:
         report["reference_stats"] = {"path": str(path), **prov}
         report["inception_weights"] = weights
     if "accuracy" in args.metric:
-        if task.cond.kind != "class" or config.data.name != "digits":
-            raise _error("--metric accuracy needs a class-conditional run on digits (the "
-                         "classifier is trained on the real digits).")  # fmt: skip
         from ldm_jax.evaluation.digits_classifier import DigitsClassifier
 
         clf = DigitsClassifier(config.data.data_dir)
@@ -190,10 +196,6 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x.astype(np.float32))).sum(axis=0)
 
 
-class _error(Exception):
-    pass
-
-
 def run(args) -> dict:
     from ldm_jax.errors import UserError
     from ldm_jax.parallel import distributed
@@ -229,11 +231,8 @@ def run(args) -> dict:
             "batch_size": args.batch_size,
         },
     }  # fmt: skip
-    try:
-        fn = _diffusion if config.stage == "diffusion" else _autoencoder
-        report["results"] = fn(args, config, task, state, report)
-    except _error as e:
-        raise UserError(str(e)) from None
+    fn = _diffusion if config.stage == "diffusion" else _autoencoder
+    report["results"] = fn(args, config, task, state, report)
     import jax
 
     out = pathlib.Path(args.out) if args.out else (
