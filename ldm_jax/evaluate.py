@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
@@ -249,14 +248,8 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from ldm_jax import runtime
-    from ldm_jax.errors import UserError
 
-    runtime.setup()
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runtime.run_command(run, args)
 
 
 if __name__ == "__main__":

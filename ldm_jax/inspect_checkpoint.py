@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import pathlib
-import sys
 
 
 def digest(state) -> tuple[str, int, int]:
@@ -85,14 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: the run's)")
     args = p.parse_args(argv)
     from ldm_jax import runtime
-    from ldm_jax.errors import UserError
 
-    runtime.setup()
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runtime.run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,18 @@ def setup(cache_dir: str | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_command(fn, args):
+    """Runs a command's `fn(args)` after `setup()`; a UserError becomes one line on stderr
+    and exit code 2 (bad input, nothing done), whatever the command."""
+    import sys
+
+    from ldm_jax.errors import UserError
+
+    setup()
+    try:
+        return fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
@@ -39,14 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from ldm_jax import runtime
-    from ldm_jax.errors import UserError
 
-    runtime.setup()
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runtime.run_command(run, args)
 
 
 def run(args) -> dict:
