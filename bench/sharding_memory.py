@@ -69,7 +69,7 @@ def _with(tree, shardings):
 
 
 def measure(task, frozen, batch, fsdp: int) -> dict:
-    mesh = mesh_lib.make_mesh(type("M", (), dict(data=-1, fsdp=fsdp, tensor=1)))
+    mesh = mesh_lib.mesh_of(fsdp=fsdp)
     shardings = step_lib.state_shardings(task, mesh)
     abstract_state = jax.eval_shape(lambda r: nn.unbox(task.init_state(r)), jax.random.PRNGKey(0))
     rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
@@ -96,7 +96,7 @@ def measure(task, frozen, batch, fsdp: int) -> dict:
 
 
 def _single():
-    return mesh_lib.make_mesh(type("M", (), dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+    return mesh_lib.mesh_of(1, devices=jax.devices()[:1])
 
 
 def main():

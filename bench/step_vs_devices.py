@@ -35,7 +35,7 @@ def child(n: int, batch: int, repeats: int) -> dict:
     u = load_config("configs/diffusion/quickstart_digits.py", lock=False).model
     u.in_channels, u.out_channels, u.context_dim = 3, 3, 64
     model = unet_configs.from_config(u)
-    mesh = mesh_lib.make_mesh(type("M", (), dict(data=-1, fsdp=1, tensor=1)))
+    mesh = mesh_lib.mesh_of()
     sched = schedules.make_schedule({})
     x = jnp.zeros((batch, 8, 8, 3))
     ctx = jnp.zeros((batch, 1, 64))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pathlib
 
 
 def digest(state) -> tuple[str, int, int]:
@@ -35,35 +34,21 @@ def digest(state) -> tuple[str, int, int]:
 
 def run(args) -> dict:
     import jax
-    import ml_collections
-    from flax import linen as nn
 
-    from ldm_jax.errors import UserError
     from ldm_jax.parallel import distributed
     from ldm_jax.parallel import mesh as mesh_lib
-    from ldm_jax.parallel import step as step_lib
-    from ldm_jax.training import checkpoint as ckpt_lib
-    from ldm_jax.training.loop import make_task
+    from ldm_jax.training.restore import load_run
 
     distributed.initialize()
-    workdir = pathlib.Path(args.workdir).absolute()
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
-    steps = ckpt.manager.all_steps()
-    step = (max(steps) if steps else None) if args.step == -1 else args.step
-    if step is None or step not in steps:
-        raise UserError(f"no checkpoint at step {args.step} in {workdir} (steps: {sorted(steps)})")
-    config = ml_collections.ConfigDict(ckpt.read_metadata(step)["config"])
-    if args.mesh:
-        sizes = [int(v) for v in args.mesh.split(",")]
-        config.mesh.update(dict(zip(mesh_lib.MESH_AXES, sizes)))
-    task = make_task(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        shardings = step_lib.state_shardings(task, mesh)
-        abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
-        state, _ = ckpt.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
-        sha, arrays, elements = digest(state)
-    ckpt.close()
+
+    def overrides(config):
+        if args.mesh:
+            sizes = [int(v) for v in args.mesh.split(",")]
+            config.mesh.update(dict(zip(mesh_lib.MESH_AXES, sizes)))
+
+    _, _, state, step = load_run(args.workdir, args.step, overrides=overrides, sharded=True)
+    mesh = jax.tree_util.tree_leaves(state)[0].sharding.mesh
+    sha, arrays, elements = digest(state)
     out = {
         "step": step,
         "arrays": arrays,

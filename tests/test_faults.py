@@ -66,7 +66,7 @@ def test_restore_onto_other_meshes_is_bitwise(tiny_autoencoder_run):
     restored = {}
     for shape in [(1, 1, 1), (1, 8, 1), (2, 2, 2)]:
         devices = jax.devices()[: int(np.prod(shape))]
-        mesh = mesh_lib.make_mesh(type("M", (), dict(zip(mesh_lib.MESH_AXES, shape))), devices)
+        mesh = mesh_lib.mesh_of(*shape, devices=devices)
         shardings = step_lib.state_shardings(task, mesh)
         target = ckpt_lib.abstract_with_shardings(abstract, shardings)
         state, data = ckpt.restore(2, target)

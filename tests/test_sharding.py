@@ -20,8 +20,7 @@ STEPS = 3
 
 def _mesh(shape):
     n = math.prod(shape)
-    cfg = dict(zip(mesh_lib.MESH_AXES, shape))
-    return mesh_lib.make_mesh(type("M", (), cfg), jax.devices()[:n])
+    return mesh_lib.mesh_of(*shape, devices=jax.devices()[:n])
 
 
 def _batches(stage, batch):

@@ -114,9 +114,10 @@ def _features(source: Source, label_key, caption_key, shape) -> tfds.features.Fe
     return tfds.features.FeaturesDict(feats)
 
 
-def _encoded_batches(config, encode_fn, global_batch):
+def _encoded_batches(config, encode_fn, global_batch, total: int):
     """Yields (global index of the first row, codes [n, h, w, k] numpy) on every process;
-    the codes of all processes are gathered, padding removed."""
+    the codes of all processes are gathered and the last batch's padding dropped (the
+    eval batches hold examples in order, so n follows from `total`)."""
     batch_size = config.latent_cache.batch_size
     data_cfg = config.data.copy_and_resolve_references()
     with data_cfg.unlocked():
@@ -127,10 +128,7 @@ def _encoded_batches(config, encode_fn, global_batch):
     ):
         codes = encode_fn(global_batch({"image": local["image"]})["image"])
         codes = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
-        mask = np.asarray(
-            multihost_utils.process_allgather(global_batch({"m": local["mask"]})["m"], tiled=True)
-        )
-        n = int(mask.sum())  # padding sits at the end of the last batch only
+        n = min(batch_size, total - start)
         yield start, codes[:n]
         start += n
 
@@ -173,7 +171,7 @@ def _write(config, first_stage, encode_fn, global_batch, root, expected, builder
     caption_key = d.caption_key if d.caption_key and raw.has_feature(d.caption_key) else None
     s = d.image_size // first_stage.factor
     shape = (s, s, first_stage.code_channels)
-    batches = _encoded_batches(config, encode_fn, global_batch)
+    batches = _encoded_batches(config, encode_fn, global_batch, len(raw))
     if is_lead:
         print(f"latent cache: encoding {len(raw)} examples of {d.name}/{d.train_split} -> {root}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -91,6 +92,11 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def mesh_of(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh from its sizes (one may be -1: fill), over `devices` (default: all)."""
+    return make_mesh(SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor), devices)
+
+
 def _multislice_mesh(mesh_cfg, dcn, devices, axis_types) -> Mesh:
     from jax.experimental import mesh_utils
 
@@ -128,7 +134,7 @@ def logical_to_sharding(abstract_tree, mesh: Mesh):
     maps to do not divide. Returns a tree of NamedSharding with the boxes removed,
     matching `nn.unbox(tree)`.
     """
-    specs = nn.get_partition_spec(abstract_tree)
+    specs = logical_specs(abstract_tree)
     shapes = nn.unbox(abstract_tree)
 
     def sharding(spec, leaf):

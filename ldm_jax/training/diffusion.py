@@ -285,14 +285,16 @@ class DiffusionTask:
         sampler = samplers.get_sampler(sc.sampler)
         b = shape[0]
         uncond = {k: jnp.asarray(v) for k, v in self.cond.null_inputs(b).items()}
+        # FSDP: gather the weights once, not in every step of the sampler's loop.
+        specs = self.state_specs.params
+        ema = mesh_lib.gather_for_compute(state.ema_params, specs["unet"])
+        cond_params = mesh_lib.gather_for_compute(state.params["cond"], specs["cond"])
 
         def model_fn(x, t, c):
             dense_images = None
             if self.concat:
                 dense_images = jnp.concatenate([images] * (x.shape[0] // b), axis=0)
-            return self._apply(
-                state.ema_params, state.params["cond"], frozen, x, t, c, dense_images, False
-            )
+            return self._apply(ema, cond_params, frozen, x, t, c, dense_images, False)
 
         if inputs and sc.guidance_scale != 1.0:
             fn = guidance.guided_model_fn(model_fn, inputs, uncond, float(sc.guidance_scale))

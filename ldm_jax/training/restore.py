@@ -13,10 +13,12 @@ from ldm_jax.errors import UserError
 from ldm_jax.training import checkpoint as ckpt_lib
 
 
-def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None):
+def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False):
     """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
     of the run when given; `overrides(config)` may edit the config before the task is
-    built (e.g. sampling settings)."""
+    built (e.g. sampling settings or the mesh). With `sharded`, the state is restored
+    onto the mesh of `config.mesh` with the training shardings (its arrays' `.sharding.mesh`);
+    otherwise onto this process's default device."""
     from ldm_jax.training.loop import make_task
 
     workdir = pathlib.Path(workdir).absolute()
@@ -35,6 +37,16 @@ def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None):
         overrides(config)
     task = make_task(config)
     abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
-    state, _ = ckpt.restore(step, abstract)
+    if sharded:
+        from ldm_jax.parallel import mesh as mesh_lib
+        from ldm_jax.parallel import step as step_lib
+
+        mesh = mesh_lib.make_mesh(config.mesh)
+        with jax.set_mesh(mesh):
+            shardings = step_lib.state_shardings(task, mesh)
+            abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+            state, _ = ckpt.restore(step, abstract)
+    else:
+        state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     return config, task, state, step
