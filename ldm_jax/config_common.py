@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ldm_jax.evaluation import runner
 from ldm_jax.parallel import distributed
 
 
@@ -78,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
             grad_accum_steps=1,
         )
     )
+    # Sample metrics during training (FID, IS, precision/recall, ...): see
+    # ldm_jax.evaluation.runner; off unless `every` > 0 and `metrics` are named.
+    c.evaluation = runner.default_config()
     return c
 
 

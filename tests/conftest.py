@@ -56,3 +56,25 @@ def tiny_autoencoder_run(tmp_path_factory, data_dir):
     first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
     second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4")
     return workdir, first, second
+
+
+@pytest.fixture(scope="session")
+def pytorch_fid_weights(tmp_path_factory):
+    """A weights file in pytorch-fid's layout: the packaged network's real TF 2015-12-05
+    conv weights, plus a seeded random 2048 -> 1008 head standing in for the real
+    classifier (the packaged network has none). Needs torch (test extra)."""
+    import numpy as np
+    import torch
+
+    from ldm_jax.models import inception
+
+    params = inception.load_fid_params(inception.packaged_torchscript())
+    rng = np.random.default_rng(0)
+    params[inception.LOGITS] = {
+        "kernel": rng.normal(0.0, 0.05, (2048, 1008)).astype(np.float32),
+        "bias": rng.normal(0.0, 0.1, (1008,)).astype(np.float32),
+    }
+    state = inception.pytorch_fid_state_from_params(params)
+    path = tmp_path_factory.mktemp("inception") / inception.PYTORCH_FID_FILE
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    return path, params

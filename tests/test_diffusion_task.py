@@ -21,8 +21,20 @@ def test_ema_decay_warmup_closed_form():
     np.testing.assert_allclose(jax.vmap(lambda s: ema_decay(s, 0.9999))(steps), want, rtol=1e-6)
 
 
+EVAL_METRICS = ("accuracy", "digits_is", "fid", "is", "precision_recall")
+
+
+def eval_settings(tmp, weights) -> dict:
+    """Sample-metric settings shared by the training loop's evaluator and the command."""
+    return dict(
+        num_samples=8, num_reference=8, batch_size=8, steps=4, pr_k=3, is_splits=2,
+        stats_dir=str(tmp / "stats"), inception=str(weights),
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run):
+def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run, pytorch_fid_weights):
+    """2 steps, then resumed to 4 with the training loop's evaluator at step 4."""
     ae_workdir = tiny_autoencoder_run[0]
     workdir = tmp_path_factory.mktemp("ldm") / "run"
     common = [
@@ -33,7 +45,10 @@ def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run):
         "--config.train.progress_bar=False",
     ]
     first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
-    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4")
+    settings = eval_settings(workdir.parent, pytorch_fid_weights[0])
+    evaluation = [f"--config.evaluation.{k}={v}" for k, v in settings.items()]
+    evaluation += ["--config.evaluation.every=4", f"--config.evaluation.metrics={EVAL_METRICS}"]
+    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4", *evaluation)
     return workdir, first, second
 
 
@@ -157,23 +172,47 @@ def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
     assert x.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x) <= 1.0))
 
 
-def test_evaluate_command_fid_and_accuracy(diffusion_run, data_dir, tmp_path):
-    """FID of 8 samples against 8 cached reference digits, and the digits classifier's
-    accuracy; a second run reuses the reference statistics (same provenance)."""
+def test_evaluators_in_the_loop_and_the_command_agree(diffusion_run, data_dir, tmp_path):
+    """The training loop's evaluator at step 4 (logged under metrics/) and the evaluate
+    command on the step-4 checkpoint draw the same samples and give the same figures; a
+    second command run reuses the cached reference statistics."""
     from ldm_jax import evaluate
 
-    args = [
-        f"--workdir={diffusion_run[0]}", "--metric=fid", "--metric=accuracy",
-        "--num_samples=8", "--num_reference=8", "--batch_size=4", "--steps=4",
-        f"--data_dir={data_dir}", f"--stats_dir={tmp_path / 'stats'}",
-    ]  # fmt: skip
-    first = evaluate.main([*args, f"--out={tmp_path / 'a.json'}"])
-    ref = next((tmp_path / "stats").glob("*.npz"))
+    workdir = diffusion_run[0]
+    loop = json.loads((workdir / "eval" / "train_step0000004.json").read_text())
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    logged = {k[len("metrics/") :]: v for r in rows for k, v in r.items() if "metrics/" in k}
+    assert logged.keys() == loop["results"].keys() and all(np.isfinite(list(logged.values())))
+
+    settings = eval_settings(workdir.parent, loop["inception_weights"])
+    common = [f"--workdir={workdir}", f"--data_dir={data_dir}"]
+    common += [f"--{k}={v}" for k, v in settings.items()]
+    metrics = [f"--metric={m}" for m in EVAL_METRICS]
+    first = evaluate.main([*common, *metrics, f"--out={tmp_path / 'a.json'}"])
+    ref = next((workdir.parent / "stats").glob("*.npz"))
     mtime = ref.stat().st_mtime_ns
-    second = evaluate.main([*args, f"--out={tmp_path / 'b.json'}"])
+    evaluate.main([*common, "--metric=fid", f"--out={tmp_path / 'b.json'}"])
     assert ref.stat().st_mtime_ns == mtime  # cached statistics reused
-    assert np.isfinite(first["results"]["fid"]) and 0 <= first["results"]["accuracy"] <= 1
-    assert first["results"] == second["results"]  # seeded: the same samples
+
+    got, want = first["results"], loop["results"]
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert 0 <= got["accuracy"] <= 1 and 0 <= got["precision"] <= 1 and 0 <= got["recall"] <= 1
+    assert 1.0 <= got["is"] <= 1008 and 1.0 <= got["digits_is"] <= 10
     prov = first["reference_stats"]
     assert prov["num_images"] == 8 and prov["split"] == "train" and prov["crop"] == "center"
     assert first["settings"]["steps"] == 4 and first["settings"]["sampler"] == "ddim"
+    assert first["inception_weights"] == str(settings["inception"])
+
+
+def test_inception_score_needs_the_classifier_head(diffusion_run, data_dir, capsys):
+    from ldm_jax import evaluate
+    from ldm_jax.models import inception
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([
+            f"--workdir={diffusion_run[0]}", f"--data_dir={data_dir}", "--metric=is",
+            "--num_samples=8", "--batch_size=8", f"--inception={inception.packaged_torchscript()}",
+        ])  # fmt: skip
+    assert e.value.code == 2 and "classifier head" in capsys.readouterr().err

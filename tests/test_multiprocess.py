@@ -149,7 +149,9 @@ def test_four_processes_train_the_diffusion_stage_like_one_device(
     data_dir, tiny_autoencoder_run, tmp_path
 ):
     """The second stage in 4 processes x 2 devices, its latent cache encoded by all of
-    them and written by process 0: the single-device losses."""
+    them and written by process 0: the single-device losses; and the sample metrics of
+    the training loop's evaluator (each process drawing its rows of every batch, the
+    last batch padded) equal the single-process ones."""
     common = [
         "--config=configs/diffusion/quickstart_digits.py:runlocal",
         f"--config.data.data_dir={data_dir}",
@@ -160,6 +162,12 @@ def test_four_processes_train_the_diffusion_stage_like_one_device(
         "--config.train.num_steps=3",
         "--config.train.checkpoint_every=1000",
         "--config.distributed.heartbeat_timeout_s=10",
+        "--config.evaluation.every=3",
+        "--config.evaluation.metrics=('accuracy','digits_is')",
+        "--config.evaluation.num_samples=12",
+        "--config.evaluation.batch_size=8",
+        "--config.evaluation.steps=2",
+        "--config.evaluation.is_splits=2",
     ]
     one, four = tmp_path / "one", tmp_path / "four"
     run_module("ldm_jax.train", f"--workdir={one}", *common,
@@ -169,3 +177,8 @@ def test_four_processes_train_the_diffusion_stage_like_one_device(
     assert all(f"[{r}] done: step 3" in proc.stdout for r in range(4)), proc.stdout
     a, b = _losses(one), _losses(four)
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+    a, b = (json.loads((w / "eval" / "train_step0000003.json").read_text()) for w in (one, four))
+    assert (
+        a["settings"]["num_samples"] == 12 and a["results"]["accuracy"] == b["results"]["accuracy"]
+    )
+    np.testing.assert_allclose(b["results"]["digits_is"], a["results"]["digits_is"], rtol=1e-4)

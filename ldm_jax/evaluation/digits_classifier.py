@@ -33,12 +33,19 @@ def _load(split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
 class DigitsClassifier:
     def __init__(self, data_dir=None):
         images, labels = _load("train", data_dir)
-        self.svc = SVC(gamma=0.001, C=10.0).fit(features(images), labels)
+        # probability=True adds Platt-scaled class probabilities (for the digits IS); the
+        # labels `predict` gives come from the decision function either way.
+        self.svc = SVC(gamma=0.001, C=10.0, probability=True, random_state=0)
+        self.svc.fit(features(images), labels)
         test_images, test_labels = _load("test", data_dir)
         self.real_test_accuracy = self.accuracy(test_images, test_labels)
 
     def predict(self, images) -> np.ndarray:
         return self.svc.predict(features(images))
+
+    def probabilities(self, images) -> np.ndarray:
+        """[N, 10] class probabilities, columns in label order 0..9."""
+        return self.svc.predict_proba(features(images))
 
     def accuracy(self, images, labels) -> float:
         return float(np.mean(self.predict(images) == np.asarray(labels)))

