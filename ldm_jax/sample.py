@@ -3,8 +3,11 @@
     python -m ldm_jax.sample --workdir runs/quickstart/ldm_digits --labels 0,1,2,3 \
         --num_per_condition 4 --sampler ddim --steps 50 --guidance 3.0 --seed 0
     python -m ldm_jax.sample --workdir runs/quickstart/ldm_text --prompts "a handwritten digit seven"
+    # text-to-image with imported Stable Diffusion weights (see ldm_jax.import_sd)
+    python -m ldm_jax.sample --workdir runs/sd15 --prompts "a photo of a cat" --guidance 7.5
 
-The run's config is read from its checkpoint, so only the workdir is needed. Writes
+The run's config is read from its checkpoint, so only the workdir is needed; the state is
+restored onto the run's mesh (`config.mesh`, FSDP-sharded weights). Writes
 `<out>/samples.png` (one row per condition) and `<out>/samples.npz` holding `images`
 (uint8 [N, H, W, 3]) and, for class models, `labels` (int [N]).
 """
@@ -35,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_distributed() -> None:
+    from ldm_jax.parallel import distributed
+
+    distributed.initialize()
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from ldm_jax import runtime
@@ -44,12 +53,15 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     import jax
+    from jax.experimental import multihost_utils
 
     from ldm_jax.diffusion.samplers import get_sampler
     from ldm_jax.errors import UserError
+    from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training import outputs
     from ldm_jax.training.restore import load_run
 
+    _init_distributed()
     workdir = pathlib.Path(args.workdir).absolute()
 
     def overrides(config):
@@ -61,9 +73,9 @@ def run(args) -> dict:
             sc.guidance_scale = args.guidance
         get_sampler(sc.sampler)  # unknown name -> error listing the valid ones
 
-    config, task, state, step = load_run(workdir, args.step, "diffusion", overrides)
+    config, task, state, step = load_run(workdir, args.step, "diffusion", overrides, sharded=True)
     sc = config.sampling
-    frozen = task.frozen_params()
+    mesh = mesh_lib.make_mesh(config.mesh)  # the state's mesh (FSDP-sharded weights)
 
     n = args.num_per_condition
     labels = None
@@ -75,7 +87,7 @@ def run(args) -> dict:
         conds = [int(v) for v in args.labels.split(",")]
         inputs_per = [task.cond.labels_inputs([c] * n) for c in conds]
         labels = np.repeat(np.asarray(conds), n)
-    elif task.cond.kind in ("text", "text_frozen"):
+    elif task.cond.is_text:
         if not args.prompts:
             raise UserError('this is a text-conditional run: pass --prompts "...".')
         conds = list(args.prompts)
@@ -84,11 +96,21 @@ def run(args) -> dict:
         conds, inputs_per = [None], [{}]
     s = args.latent_size or task.latent_size
     shape = (n, s, s, task.first_stage.latent_channels)
-    fn = jax.jit(lambda st, fr, inp, r: task.sample(st, fr, inp, r, shape=shape))
+    split = n % mesh_lib.batch_size_per_shard(mesh) == 0  # else each device draws them all
+    out_sharding = mesh_lib.batch_sharding(mesh) if split else mesh_lib.replicated(mesh)
     rows = []
-    for i, inputs in enumerate(inputs_per):
-        rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-        rows.append(outputs.to_uint8(fn(state, frozen, inputs, rng)))
+    with jax.set_mesh(mesh):
+        frozen = jax.device_put(jax.device_get(task.frozen_params()), mesh_lib.replicated(mesh))
+        fn = jax.jit(
+            lambda st, fr, inp, r: task.sample(st, fr, inp, r, shape=shape),
+            out_shardings=out_sharding,
+        )
+        for i, inputs in enumerate(inputs_per):
+            rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
+            images = multihost_utils.process_allgather(fn(state, frozen, inputs, rng), tiled=True)
+            rows.append(outputs.to_uint8(images))
+    if jax.process_index() != 0:
+        return {"images": np.concatenate(rows), "labels": labels, "out": None}
     out = pathlib.Path(args.out) if args.out else workdir / "samples"
     out.mkdir(parents=True, exist_ok=True)
     images = np.concatenate(rows)

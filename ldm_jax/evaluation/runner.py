@@ -234,7 +234,7 @@ class Evaluator:
             self._draw = jax.jit(draw, out_shardings=(batch_sharding, batch_sharding))
         draw = self._draw
         captions = None
-        if task.cond.kind in ("text", "text_frozen"):
+        if task.cond.is_text:
             split = self.s.split or self.config.data.eval_split
             captions = [
                 str(c)

@@ -215,3 +215,81 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict:
         attn_type="vanilla" if config.get("mid_block_add_attention", True) else "none",
         norm_groups=int(config.get("norm_num_groups", 32)),
     )
+
+
+# ----- the other way: ldm_jax configs -> diffusers config.json dicts -----------------------
+def unet_config_to_diffusers(unet: Mapping[str, Any]) -> dict:
+    """diffusers UNet2DConditionModel config of an ldm_jax SD-style UNet config (with
+    in/out channels and context_dim filled in)."""
+    mult = [int(m) for m in unet["channel_mult"]]
+    base, n = int(unet["model_channels"]), len(mult)
+    channels = [base * m for m in mult]
+    levels = {i for i in range(n) if 2**i in tuple(unet["attention_resolutions"])}
+    if unet.get("num_head_channels", -1) not in (-1, None):
+        heads = [c // int(unet["num_head_channels"]) for c in channels]
+    else:
+        heads = [int(unet["num_heads"])] * n
+    if not unet.get("use_spatial_transformer", False):
+        raise UserError("only UNets with spatial transformers (SD-style) have a diffusers layout")
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": int(unet.get("image_size", 64)),
+        "in_channels": int(unet["in_channels"]),
+        "out_channels": int(unet["out_channels"]),
+        "block_out_channels": channels,
+        "layers_per_block": int(unet["num_res_blocks"]),
+        "down_block_types": [_CROSS_DOWN if i in levels else _PLAIN_DOWN for i in range(n)],
+        "up_block_types": [_CROSS_UP if i in levels else _PLAIN_UP for i in reversed(range(n))],
+        "cross_attention_dim": int(unet["context_dim"]),
+        "attention_head_dim": heads,
+        "use_linear_projection": bool(unet.get("use_linear_in_transformer", False)),
+        "transformer_layers_per_block": int(unet.get("transformer_depth", 1)),
+        "norm_num_groups": int(unet.get("norm_groups", 32)),
+        "resnet_time_scale_shift": (
+            "scale_shift" if unet.get("use_scale_shift_norm", False) else "default"
+        ),
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def vae_config_to_diffusers(vae: Mapping[str, Any], scaling_factor: float) -> dict:
+    """diffusers AutoencoderKL config of an ldm_jax KL autoencoder config."""
+    if vae.get("type", "kl") != "kl" or tuple(vae.get("attn_resolutions", ())):
+        raise UserError("only KL autoencoders without level attention have a diffusers layout")
+    n = len(vae["ch_mult"])
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": int(vae["in_channels"]),
+        "out_channels": int(vae["out_ch"]),
+        "block_out_channels": [int(vae["ch"]) * int(m) for m in vae["ch_mult"]],
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": int(vae["num_res_blocks"]),
+        "latent_channels": int(vae["embed_dim"]),
+        "norm_num_groups": int(vae.get("norm_groups", 32)),
+        "sample_size": int(vae.get("resolution", 256)),
+        "scaling_factor": float(scaling_factor),
+        "mid_block_add_attention": vae.get("attn_type", "vanilla") != "none",
+    }
+
+
+def clip_config_to_transformers(clip: Mapping[str, Any]) -> dict:
+    """transformers CLIPTextConfig dict of a CLIPTextEncoder's fields (its built layers)."""
+    layers = int(clip["num_layers"]) - (clip.get("output", "last") == "penultimate")
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": int(clip["width"]),
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(clip["num_heads"]),
+        "intermediate_size": int(clip.get("mlp_dim") or 4 * int(clip["width"])),
+        "vocab_size": int(clip["vocab_size"]),
+        "max_position_embeddings": int(clip["context_length"]),
+        "hidden_act": clip["activation"],
+        "layer_norm_eps": float(clip.get("layer_norm_eps", 1e-5)),
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "projection_dim": int(clip["width"]),
+    }

@@ -106,3 +106,44 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, np.n
         f"{path}: unknown weight file suffix {suffix!r}; "
         f"expected one of {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}"
     )
+
+
+# ----- ldm_jax's own naming: the param tree's paths joined by "/" --------------------------
+def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    return {name: np.asarray(value) for name, value in flat.items()}
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict:
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def save_params(path: str | os.PathLike, params: Mapping, metadata: dict | None = None) -> None:
+    """A param tree to `.safetensors` (names are its paths, e.g. `conv_in/kernel`) or
+    `.msgpack` (flax serialization of the nested dict), chosen by the suffix."""
+    path = pathlib.Path(path)
+    if path.suffix == ".msgpack":
+        from flax import serialization
+
+        tree = unflatten_params(flatten_params(params))  # plain nested dict of numpy
+        path.write_bytes(serialization.msgpack_serialize(tree))
+    elif path.suffix in SAFETENSORS_SUFFIXES:
+        save_safetensors(path, flatten_params(params), metadata)
+    else:
+        raise UserError(f"{path}: save params as .safetensors or .msgpack")
+
+
+def load_params(path: str | os.PathLike) -> dict:
+    """The inverse of `save_params`: a nested dict of numpy arrays."""
+    path = _existing(path)
+    if path.suffix == ".msgpack":
+        from flax import serialization
+
+        return serialization.msgpack_restore(path.read_bytes())
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return unflatten_params(load_safetensors(path))
+    raise UserError(f"{path}: ldm_jax params files are .safetensors or .msgpack")

@@ -125,7 +125,9 @@ def clip_tokenizer(variant: str = "sd1", cache_dir: str | pathlib.Path | None = 
     if len(vocab) != VOCAB_SIZE or len(merges) != _N_MERGES:
         raise ValueError(f"{path} holds a damaged CLIP vocabulary: delete it to rebuild")
     # vocab/merges passed as objects: transformers 5 ignores some *_file arguments silently.
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=PAD_TOKENS[variant])
+    tok = CLIPTokenizer(
+        vocab=vocab, merges=merges, pad_token=PAD_TOKENS[variant], model_max_length=CONTEXT_LENGTH
+    )
     if tok.bos_token_id != vocab[BOS] or tok.eos_token_id != vocab[EOS]:
         raise RuntimeError("transformers CLIPTokenizer mapped the special tokens wrongly")
     return tok

@@ -6,6 +6,9 @@
                label ids for the UNet's own label embedding (conditioning_key 'adm')
   text         BERT WordPiece tokens -> TransformerEncoder trained with the UNet (the paper)
   text_frozen  BERT WordPiece tokens -> pretrained MiniLM BertEncoder, frozen
+  clip         CLIP BPE tokens -> CLIP text encoder (Stable Diffusion's), frozen, its
+               architecture in `cond.clip` and its params in `cond.weights` (a
+               .safetensors file in ldm_jax naming, e.g. written by ldm_jax.import_sd)
 Host side turns labels / captions into arrays (`host_inputs`); device side embeds them.
 Classifier-free guidance: during training each example's condition is replaced by the
 unconditional one (null class, empty prompt) with probability `cond.drop_rate`.
@@ -20,7 +23,8 @@ import numpy as np
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioning, tokenizers
 
-KINDS = ("none", "class", "text", "text_frozen")
+KINDS = ("none", "class", "text", "text_frozen", "clip")
+TEXT_KINDS = ("text", "text_frozen", "clip")
 
 
 class Conditioner:
@@ -44,6 +48,12 @@ class Conditioner:
             )
         elif self.kind == "text_frozen":
             self.module, self._frozen, self.tokenizer = conditioning.load_minilm()
+        elif self.kind == "clip":
+            self.module, self._frozen, self.tokenizer = _load_clip(cond_cfg)
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind in TEXT_KINDS
 
     @property
     def trainable(self) -> bool:
@@ -55,6 +65,8 @@ class Conditioner:
             return None
         if self.kind == "text_frozen":
             return self.module.hidden_size
+        if self.kind == "clip":
+            return self.module.width
         return int(self.cfg.embed_dim)
 
     # ----- host side ---------------------------------------------------------------------
@@ -65,7 +77,7 @@ class Conditioner:
                 raise UserError("config.cond.kind='class' but the dataset yields no labels.")
             labels = conditioning.check_class_ids(batch["label"], self.n_classes)
             return {"label": np.asarray(labels, np.int32)}
-        if self.kind in ("text", "text_frozen"):
+        if self.is_text:
             if "caption" not in batch:
                 raise UserError(f"config.cond.kind={self.kind!r} but the dataset has no captions.")
             return self.encode_prompts(list(batch["caption"]))
@@ -79,7 +91,14 @@ class Conditioner:
         if new:
             if len(cache) + len(new) > 100_000:
                 cache.clear()
-            ids, mask = tokenizers.tokenize(self.tokenizer, new, self.cfg.max_length)
+            if self.kind == "clip":
+                from ldm_jax.models import clip_tokenizer
+
+                ids, mask = clip_tokenizer.tokenize_clip(
+                    self.tokenizer, new, self.module.context_length
+                )
+            else:
+                ids, mask = tokenizers.tokenize(self.tokenizer, new, self.cfg.max_length)
             cache.update(zip(new, zip(ids, mask)))
         rows = [cache[p] for p in prompts]
         return {
@@ -94,7 +113,7 @@ class Conditioner:
     def null_inputs(self, batch_size: int) -> dict:
         if self.kind == "class":
             return {"label": np.full((batch_size,), self.null_class, np.int32)}
-        if self.kind in ("text", "text_frozen"):
+        if self.is_text:
             return self.encode_prompts([""] * batch_size)
         return {}
 
@@ -134,5 +153,26 @@ class Conditioner:
         tokens, mask = inputs["tokens"], inputs["token_mask"]
         if self.kind == "text":
             return self.module.apply({"params": params}, tokens, mask), None
-        hidden = self.module.apply({"params": frozen["text_encoder"]}, tokens, mask)
+        if self.kind == "clip":  # causal over the padding too, as Stable Diffusion's
+            hidden = self.module.apply({"params": frozen["text_encoder"]}, tokens)
+        else:
+            hidden = self.module.apply({"params": frozen["text_encoder"]}, tokens, mask)
         return jax.lax.stop_gradient(hidden), None
+
+
+def _load_clip(cond_cfg):
+    """(CLIPTextEncoder, {"params": host arrays}, tokenizer) from `cond.clip`,
+    `cond.tokenizer` ('sd1' / 'sd2' padding) and `cond.weights`."""
+    from ldm_jax.interop import tensor_files
+    from ldm_jax.models import clip, clip_tokenizer
+
+    if cond_cfg.get("clip") is None or not cond_cfg.get("weights"):
+        raise UserError(
+            "config.cond.kind='clip' needs config.cond.clip (the text encoder's fields) and "
+            "config.cond.weights (its params as .safetensors in ldm_jax naming); "
+            "`python -m ldm_jax.import_sd` writes both for a Stable Diffusion checkpoint."
+        )
+    module = clip.CLIPTextEncoder(**dict(cond_cfg.clip))
+    params = tensor_files.load_params(cond_cfg.weights)
+    tokenizer = clip_tokenizer.clip_tokenizer(cond_cfg.get("tokenizer", "sd1"))
+    return module, {"params": params}, tokenizer

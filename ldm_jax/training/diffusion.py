@@ -274,15 +274,19 @@ class DiffusionTask:
         )
         return {"loss": per_example}
 
-    def sample(self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None):
+    def sample(
+        self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None, noise=None
+    ):
         """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1].
 
         `inputs` are device conditioning inputs (e.g. from `cond.labels_inputs`);
         `shape` (B, h, w, c) of the latents may exceed the trained latent size
-        (convolutional sampling); `images` feed a concat condition.
+        (convolutional sampling); `noise` (that shape) replaces the drawn starting latents
+        x_T; `images` feed a concat condition.
         """
         sc = sampling or self.config.sampling
         sampler = samplers.get_sampler(sc.sampler)
+        shape = tuple(noise.shape) if noise is not None else shape
         b = shape[0]
         uncond = {k: jnp.asarray(v) for k, v in self.cond.null_inputs(b).items()}
         # FSDP: gather the weights once, not in every step of the sampler's loop.
@@ -308,7 +312,7 @@ class DiffusionTask:
         z = sampler(
             fn,
             self.sched,
-            shape,
+            shape if noise is None else noise,
             rng,
             parameterization=self.config.diffusion.parameterization,
             **opts,
@@ -323,10 +327,10 @@ class DiffusionTask:
         inputs = {}
         if self.cond.kind == "class":
             inputs = self.cond.labels_inputs(np.arange(cols))
-        elif self.cond.kind in ("text", "text_frozen"):
+        elif self.cond.is_text:
             inputs = {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
         grid = []
-        if self.concat or self.cond.kind in ("text", "text_frozen"):
+        if self.concat or self.cond.is_text:
             grid.append(outputs.to_uint8(_gather(batch["image"])[:cols]))
         fn = self._sampler_fn(cols)
         for r in range(sc.grid_rows):

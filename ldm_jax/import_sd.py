@@ -1,0 +1,59 @@
+"""Import Stable Diffusion weights as an ldm_jax diffusion run.
+
+    # a CompVis / Stability single file (.safetensors reads without torch; .ckpt needs it)
+    python -m ldm_jax.import_sd --checkpoint v1-5-pruned-emaonly.safetensors --workdir runs/sd15
+    python -m ldm_jax.import_sd --checkpoint v2-1_768-ema-pruned.safetensors \
+        --parameterization v --workdir runs/sd21
+    # a diffusers folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)
+    python -m ldm_jax.import_sd --diffusers path/to/stable-diffusion-v1-5 --workdir runs/sd15
+
+then `python -m ldm_jax.sample --workdir runs/sd15 --prompts "..."`. The run holds the
+UNet at step 0 (EMA = weights), the VAE as its first stage and the CLIP text encoder; see
+ldm_jax.interop.stable_diffusion. Nothing existing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="single-file checkpoint (.safetensors / .ckpt)")
+    src.add_argument("--diffusers", help="diffusers pipeline folder")
+    p.add_argument("--workdir", required=True, help="new run directory")
+    p.add_argument("--parameterization", choices=("eps", "v"), default=None,
+                   help="model output (required for SD 2.x single files without YAML)")  # fmt: skip
+    p.add_argument("--original_config", default=None, help="the CompVis inference YAML")
+    p.add_argument("--image_size", type=int, default=None, help="pixels (default by model)")
+    return p
+
+
+def run(args) -> str:
+    from ldm_jax.interop import stable_diffusion as sd
+
+    if args.checkpoint:
+        model = sd.from_single_file(
+            args.checkpoint, parameterization=args.parameterization,
+            original_config=args.original_config, image_size=args.image_size,
+        )  # fmt: skip
+    else:
+        model = sd.from_diffusers(args.diffusers, image_size=args.image_size)
+    workdir = sd.write_run(model, args.workdir)
+    print(
+        f"imported {model.source} ({model.tokenizer.upper()}-style, {model.parameterization}, "
+        f"{model.image_size} px) into {workdir}"
+    )
+    return str(workdir)
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
+    from ldm_jax import runtime
+
+    return runtime.run_command(run, args)
+
+
+if __name__ == "__main__":
+    main()
