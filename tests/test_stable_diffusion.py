@@ -104,42 +104,36 @@ def test_import_gives_a_run_with_the_files_weights(sd_file, imported):
     assert float(state.scale_factor) == pytest.approx(0.18215)
 
 
-def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
-    """ldm_jax.sample's images from the imported run, and diffusers' StableDiffusionPipeline
-    on our diffusers export, from the same starting latents: DDIM, 4 steps, guidance 7.5."""
+def _pipeline_agrees(workdir, tmp_path, tokenizer: str) -> None:
+    """ldm_jax's sampling of `workdir` and diffusers' StableDiffusionPipeline on our
+    diffusers export give the same images from the same starting latents (DDIM, 4 steps,
+    guidance 7.5)."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextModel
 
-    from ldm_jax import export, sample
+    from ldm_jax import export
     from ldm_jax.models import clip_tokenizer
     from ldm_jax.training.restore import load_run
 
     prompt = "a photo of a cat"
-    out = sample.main([f"--workdir={imported}", "--prompts", prompt, "--num_per_condition=2",
-                       "--steps=4", "--guidance=7.5", f"--out={tmp_path / 'samples'}"])  # fmt: skip
-    assert out["images"].shape == (2, 32, 32, 3) and (tmp_path / "samples/samples.png").is_file()
-
     folder = tmp_path / "diffusers"
-    export.main([f"--workdir={imported}", "--layout=diffusers", f"--out={folder}"])
-    config, task, state, _ = load_run(imported)
+    export.main([f"--workdir={workdir}", "--layout=diffusers", f"--out={folder}"])
+    config, task, state, _ = load_run(workdir)
     noise = jax.random.normal(jax.random.PRNGKey(7), (2, 16, 16, 4))
     inputs = task.cond.encode_prompts([prompt] * 2)
     sampling = config.sampling.copy_and_resolve_references()
     sampling.update(dict(steps=4, guidance_scale=7.5))
     ours = task.sample(state, task.frozen_params(), inputs, jax.random.PRNGKey(0), noise=noise,
                        sampling=sampling)  # fmt: skip
-
-    files = clip_tokenizer.tokenizer_files()
     pipe = diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        tokenizer=clip_tokenizer.clip_tokenizer("sd1"),
+        tokenizer=clip_tokenizer.clip_tokenizer(tokenizer),
         unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
         scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    assert files.is_dir()
     latents = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         theirs = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=7.5, latents=latents,
@@ -147,6 +141,16 @@ def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
     got = (np.asarray(ours) + 1.0) / 2.0
     assert np.std(theirs) > 0.01
     np.testing.assert_allclose(np.clip(got, 0, 1), theirs, atol=1e-4)  # measured 5.7e-6
+
+
+def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
+    from ldm_jax import sample
+
+    out = sample.main([f"--workdir={imported}", "--prompts", "a photo of a cat",
+                       "--num_per_condition=2", "--steps=4", "--guidance=7.5",
+                       f"--out={tmp_path / 'samples'}"])  # fmt: skip
+    assert out["images"].shape == (2, 32, 32, 3) and (tmp_path / "samples/samples.png").is_file()
+    _pipeline_agrees(imported, tmp_path, "sd1")
 
 
 @pytest.mark.parametrize("layout", ["ldm_jax", "msgpack", "compvis", "diffusers"])
@@ -192,3 +196,88 @@ def test_bad_inputs_are_clear_errors(sd_file, imported, tmp_path):
 
     with pytest.raises(SystemExit):
         export.main([f"--workdir={imported}", "--layout=ldm_jax", f"--out={path}"])  # exists
+
+
+# ----- SD 2 style: OpenCLIP names, penultimate layer, linear projections, v-prediction -----
+UNET2 = {k: v for k, v in UNET.items() if k != "num_heads"} | dict(
+    num_head_channels=32, context_dim=128, use_linear_in_transformer=True
+)
+CLIP2 = dict(width=128, num_layers=3, num_heads=2, mlp_dim=256, vocab_size=49408,
+             context_length=77, activation="gelu")  # fmt: skip
+
+
+def _open_clip_names(hf: dict, prefix: str) -> dict:
+    """transformers CLIP names -> OpenCLIP's (q, k, v fused into in_proj), written here
+    independently of the converter under test."""
+    out = {}
+    for name, value in hf.items():
+        name = name.removeprefix("text_model.")
+        if name.startswith("encoder.layers."):
+            i, part = name[len("encoder.layers.") :].split(".", 1)
+            if part.startswith("self_attn.") and part.split(".")[1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+            ):
+                continue
+            part = (part.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
+                    .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
+                    .replace("self_attn.out_proj", "attn.out_proj"))  # fmt: skip
+            out[f"{prefix}transformer.resblocks.{i}.{part}"] = value
+        else:
+            new = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                   "embeddings.position_embedding.weight": "positional_embedding",
+                   "final_layer_norm.weight": "ln_final.weight",
+                   "final_layer_norm.bias": "ln_final.bias"}[name]  # fmt: skip
+            out[prefix + new] = value
+    layers = {k.split(".")[3] for k in hf if k.startswith("text_model.encoder.layers.")}
+    for i in layers:
+        p = f"text_model.encoder.layers.{i}.self_attn."
+        for leaf in ("weight", "bias"):
+            fused = [hf[f"{p}{x}_proj.{leaf}"] for x in "qkv"]
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(fused)
+    out[prefix + "text_projection"] = np.ones((128, 128), np.float32)  # unused by SD
+    out[prefix + "logit_scale"] = np.float32(4.6)
+    return out
+
+
+def test_sd2_style_single_file(tmp_path):
+    """An SD-2-layout file: without its YAML, the parameterization must be given; imported,
+    its weights are the file's (the unused last CLIP block skipped) and its v-prediction
+    text-to-image equals diffusers' pipeline."""
+    from ldm_jax import import_sd
+
+    unet_model = unet_configs.from_config(UNET2)
+    vae_model = autoencoder.from_config(sd.kl_f8_vae() | {**DDCONFIG, "embed_dim": 4})
+    full_clip = clip.CLIPTextEncoder(**CLIP2, output="last")
+    r = jax.random.PRNGKey(1)
+    x, t = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32)
+    unet = _noisy(unet_model.init(r, x, t, context=jnp.zeros((1, 77, 128)))["params"], 4)
+    vae = _noisy(vae_model.init({"params": r, "sample": r}, jnp.zeros((1, 32, 32, 3)))["params"], 5)
+    text = _noisy(full_clip.init(r, jnp.zeros((1, 77), jnp.int32))["params"], 6)
+    tensors = unet_weights.unet_to_compvis(unet, unet_model, prefix=sd.UNET_PREFIX)
+    tensors |= vae_weights.vae_to_compvis(vae, vae_model, prefix=sd.VAE_PREFIX)
+    tensors |= _open_clip_names(clip.export_hf_clip(text), sd.SD2_CLIP_PREFIX)
+    path = tmp_path / "tiny-sd2.safetensors"
+    tensor_files.save_safetensors(path, tensors)
+    with pytest.raises(UserError, match="--parameterization eps or v"):
+        sd.from_single_file(path)
+    config = {"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 16,
+        "parameterization": "v", "scale_factor": 0.18215,
+        "unet_config": {"params": UNET2},
+        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": DDCONFIG}},
+    }}}  # fmt: skip
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "run"
+    import_sd.main([f"--checkpoint={path}", f"--original_config={tmp_path / 'v2.yaml'}",
+                    f"--workdir={workdir}", "--image_size=32"])  # fmt: skip
+    from ldm_jax.training.restore import load_run
+
+    config, task, state, _ = load_run(workdir)
+    assert config.diffusion.parameterization == "v" and config.cond.tokenizer == "sd2"
+    assert dict(config.cond.clip)["output"] == "penultimate" and config.model.num_heads == -1
+    assert _same(jax.device_get(state.ema_params), unet)
+    expected_text = {k: v for k, v in text.items() if k != "layers_2"}  # the skipped block
+    assert _same(task.cond.frozen_params()["text_encoder"], expected_text)
+    _pipeline_agrees(workdir, tmp_path, "sd2")
