@@ -152,7 +152,7 @@ def test_tokenizer_ids_match_vocab_lines():
 @needs_minilm
 def test_tokenizer_truncation_warns():
     tok = bert_tokenizer()
-    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than max_length=7"):
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than 7 tokens"):
         ids, mask = tokenize(tok, SENTENCES[:2], max_length=7)
     assert mask.all()
     assert ids[1, -1] == 102 and ids[1, 0] == 101  # [SEP] kept after truncation

@@ -57,6 +57,11 @@ def default_layout(path: Path, ndim: int) -> str:
     return "linear" if ndim == 2 else "conv"
 
 
+def named_table(abstract: Mapping[Path, Any], name: Callable[[Path], str]) -> list[Entry]:
+    """One Entry per parameter, its torch name from `name(path)`, in the default layout."""
+    return [Entry(p, name(p), default_layout(p, len(s.shape))) for p, s in abstract.items()]
+
+
 def torch_leaf(path: Path) -> str:
     """The torch parameter name of a flax leaf (kernel, scale, embedding -> weight)."""
     if path[-1] not in _TORCH_LEAF:

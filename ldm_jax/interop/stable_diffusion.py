@@ -34,6 +34,13 @@ SD2_CLIP_PREFIX = "cond_stage_model.model."  # OpenCLIP
 SCALE_FACTOR = 0.18215
 SD_SCHEDULE = dict(beta_schedule="linear", linear_start=0.00085, linear_end=0.012, timesteps=1000)
 PARAMETERIZATIONS = ("eps", "v")
+# openaimodel UNet arguments of a CompVis YAML that ldm_jax's UNet takes as they are.
+_YAML_UNET_KEYS = (
+    "in_channels", "out_channels", "model_channels", "attention_resolutions",
+    "num_res_blocks", "channel_mult", "num_heads", "num_head_channels",
+    "use_spatial_transformer", "transformer_depth", "context_dim",
+    "use_linear_in_transformer", "legacy",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -101,13 +108,7 @@ def _from_yaml(path) -> dict:
         embed_dim = int(root["first_stage_config"]["params"]["embed_dim"])
     except (OSError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a CompVis LatentDiffusion config ({e!r})") from e
-    unet_keys = (
-        "in_channels", "out_channels", "model_channels", "attention_resolutions",
-        "num_res_blocks", "channel_mult", "num_heads", "num_head_channels",
-        "use_spatial_transformer", "transformer_depth", "context_dim",
-        "use_linear_in_transformer", "legacy",
-    )  # fmt: skip
-    unet = {k: unet_p[k] for k in unet_keys if k in unet_p}
+    unet = {k: unet_p[k] for k in _YAML_UNET_KEYS if k in unet_p}
     unet["image_size"] = int(root.get("image_size", 64))
     vae = kl_f8_vae() | {
         "ch": int(dd["ch"]), "ch_mult": tuple(dd["ch_mult"]),
@@ -396,12 +397,6 @@ def _compvis_yaml(config, unet_cfg) -> dict:
     """A CompVis inference YAML (as a dict) describing an exported run: `from_single_file`
     reads it back with `original_config`."""
     fs = config_first_stage_model(config)
-    unet_keys = (
-        "in_channels", "out_channels", "model_channels", "attention_resolutions",
-        "num_res_blocks", "channel_mult", "num_heads", "num_head_channels",
-        "use_spatial_transformer", "transformer_depth", "context_dim",
-        "use_linear_in_transformer", "legacy",
-    )  # fmt: skip
     d = config.diffusion
     return {
         "model": {
@@ -413,7 +408,7 @@ def _compvis_yaml(config, unet_cfg) -> dict:
                 "channels": int(unet_cfg["in_channels"]),
                 "unet_config": {
                     "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    "params": {k: _plain(unet_cfg[k]) for k in unet_keys if k in unet_cfg},
+                    "params": {k: _plain(unet_cfg[k]) for k in _YAML_UNET_KEYS if k in unet_cfg},
                 },
                 "first_stage_config": {
                     "target": "ldm.models.autoencoder.AutoencoderKL",

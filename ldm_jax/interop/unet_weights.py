@@ -28,10 +28,10 @@ from ldm_jax.interop.mapping import (
     Entry,
     abstract_params,
     cached_per_model,
-    default_layout,
     dotted,
     export_state,
     import_state,
+    named_table,
     torch_leaf,
 )
 from ldm_jax.models.unet import UNetModel
@@ -127,11 +127,7 @@ def _check_diffusers_expressible(model: UNetModel) -> None:
 
 def _compvis_table(model: UNetModel, prefix: str) -> tuple[dict, list[Entry]]:
     abstract = _abstract(model)
-    table = [
-        Entry(p, prefix + _compvis_name(p), default_layout(p, len(s.shape)))
-        for p, s in abstract.items()
-    ]
-    return abstract, table
+    return abstract, named_table(abstract, lambda path: prefix + _compvis_name(path))
 
 
 def _diffusers_table(model: UNetModel) -> tuple[dict, list[Entry]]:

@@ -31,10 +31,10 @@ from ldm_jax.interop.mapping import (
     Entry,
     abstract_params,
     cached_per_model,
-    default_layout,
     dotted,
     export_state,
     import_state,
+    named_table,
     torch_leaf,
 )
 from ldm_jax.models.autoencoder import AutoencoderKL, VQModel
@@ -117,11 +117,7 @@ def _check_diffusers_expressible(model: AutoencoderKL, abstract: dict) -> None:
 
 def _compvis_table(model, prefix: str) -> tuple[dict, list[Entry]]:
     abstract = _abstract(model)
-    table = [
-        Entry(p, prefix + _compvis_name(p), default_layout(p, len(s.shape)))
-        for p, s in abstract.items()
-    ]
-    return abstract, table
+    return abstract, named_table(abstract, lambda path: prefix + _compvis_name(path))
 
 
 def _diffusers_table(model: AutoencoderKL) -> tuple[dict, list[Entry]]:

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import tempfile
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -143,28 +142,6 @@ def tokenize_clip(
     a silently cut prompt is a conditioning bug that no loss curve shows. The SD encoders
     ignore `mask` (they attend causally over the padding too); it marks the real tokens.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if context_length < 2:
-        raise ValueError(
-            f"context_length must be >= 2 (start and end tokens), got {context_length}"
-        )
-    full = tokenizer(texts, add_special_tokens=True, truncation=False, padding=False)
-    lengths = [len(ids) for ids in full["input_ids"]]
-    n_long = sum(n > context_length for n in lengths)
-    if n_long:
-        warnings.warn(
-            f"{n_long} of {len(texts)} prompts are longer than {context_length} CLIP tokens "
-            f"(longest {max(lengths)}) and were truncated",
-            stacklevel=2,
-        )
-    enc = tokenizer(
-        texts,
-        add_special_tokens=True,
-        truncation=True,
-        max_length=context_length,
-        padding="max_length",
-        return_tensors="np",
-    )
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+    from ldm_jax.models import tokenizers
+
+    return tokenizers.tokenize(tokenizer, texts, context_length)

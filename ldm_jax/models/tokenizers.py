@@ -68,9 +68,10 @@ def bert_tokenizer(vocab_path: str | pathlib.Path | None = None) -> BertTokenize
 
 
 def tokenize(
-    tokenizer: BertTokenizerFast, texts: str | Sequence[str], max_length: int
+    tokenizer, texts: str | Sequence[str], max_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """texts -> (ids int32 [B, max_length], mask bool [B, max_length]).
+    """texts -> (ids int32 [B, max_length], mask bool [B, max_length]) with a transformers
+    tokenizer (BERT WordPiece here, CLIP BPE in clip_tokenizer).
 
     As the reference BERTTokenizer: [CLS] ... [SEP], padded with [PAD] to max_length, and
     longer prompts truncated (keeping the final [SEP]), which is warned about, since a
@@ -86,7 +87,7 @@ def tokenize(
     n_long = sum(n > max_length for n in lengths)
     if n_long:
         warnings.warn(
-            f"{n_long} of {len(texts)} prompts are longer than max_length={max_length} tokens "
+            f"{n_long} of {len(texts)} prompts are longer than {max_length} tokens "
             f"(longest {max(lengths)}) and were truncated",
             stacklevel=2,
         )
