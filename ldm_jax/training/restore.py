@@ -32,6 +32,12 @@ def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, 
     meta = ckpt.read_metadata(step)
     if stage is not None and meta.get("stage") != stage:
         raise UserError(f"{workdir} is a {meta.get('stage')!r} run; this needs a {stage} run.")
+    if "config" not in meta:
+        raise UserError(
+            f"checkpoint {workdir / 'checkpoints' / str(step)} was written by an older ldm_jax "
+            "that did not store the run's config with it; it can still be a diffusion run's "
+            "first stage, but commands that rebuild the run need a checkpoint of this version."
+        )
     config = ml_collections.ConfigDict(meta["config"])
     if overrides is not None:
         overrides(config)
