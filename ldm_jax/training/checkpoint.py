@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -49,6 +50,9 @@ def metadata(config) -> dict:
     return {**architecture(config), "config": json.loads(config.to_json())}
 
 
+TRASH = "_deleted"  # retired steps, renamed here before they are removed
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -59,16 +63,22 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = pathlib.Path(directory).absolute()
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=not read_only,
             enable_async_checkpointing=async_save,
             read_only=read_only,
             save_decision_policy=None,
+            # Old steps are first renamed into TRASH (atomic), then removed by us: a kill
+            # in the middle of deleting one leaves no half-deleted step among the listed
+            # ones (seen in the SIGKILL drill: a step with its state but no metadata).
+            todelete_subdir=None if read_only else TRASH,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self._empty_trash()
 
     def read_metadata(self, step: int) -> dict:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -77,7 +87,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _empty_trash(self) -> None:
+        if not self.read_only and jax.process_index() == 0:
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
+
     def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
+        self._empty_trash()  # the steps an earlier save retired
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -129,6 +144,7 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._empty_trash()
 
 
 def _diff(have, want, prefix="") -> list[str]:
