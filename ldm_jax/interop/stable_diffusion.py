@@ -340,6 +340,7 @@ def write_run(model: ImportedModel, workdir) -> pathlib.Path:
     that already holds checkpoints (nothing is overwritten)."""
     import jax
     import jax.numpy as jnp
+    from flax import linen as nn
 
     from ldm_jax.training import checkpoint as ckpt_lib
     from ldm_jax.training.diffusion import DiffusionState, DiffusionTask
@@ -363,7 +364,7 @@ def write_run(model: ImportedModel, workdir) -> pathlib.Path:
     want = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
     have = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), params["unet"])
     expect = jax.tree.map(
-        lambda a: (tuple(a.shape), np.dtype(a.dtype)), _unbox(want.params["unet"])
+        lambda a: (tuple(a.shape), np.dtype(a.dtype)), nn.unbox(want.params["unet"])
     )
     if have != expect:
         raise UserError("the converted UNet does not match the run's UNet (internal error)")
@@ -383,20 +384,13 @@ def write_run(model: ImportedModel, workdir) -> pathlib.Path:
     return workdir
 
 
-def _unbox(tree):
-    from flax import linen as nn
-
-    return nn.unbox(tree)
-
-
 # ----- export -----------------------------------------------------------------------------
 EXPORT_LAYOUTS = ("ldm_jax", "msgpack", "compvis", "diffusers")
 
 
-def _compvis_yaml(config, unet_cfg) -> dict:
+def _compvis_yaml(config, unet_cfg, fs: dict) -> dict:
     """A CompVis inference YAML (as a dict) describing an exported run: `from_single_file`
     reads it back with `original_config`."""
-    fs = config_first_stage_model(config)
     d = config.diffusion
     return {
         "model": {
@@ -434,12 +428,6 @@ def _compvis_yaml(config, unet_cfg) -> dict:
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def config_first_stage_model(config) -> dict:
-    from ldm_jax.training.first_stage import FirstStage
-
-    return FirstStage(config.first_stage).model_cfg.to_dict()
 
 
 def _run_parts(workdir, step: int):
@@ -506,7 +494,12 @@ def export_run(workdir, layout: str, out, step: int = -1) -> pathlib.Path:
         import yaml
 
         yaml_path = out.with_suffix(".yaml")
-        yaml_path.write_text(yaml.safe_dump(_compvis_yaml(config, unet_cfg), sort_keys=False))
+        yaml_path.write_text(
+            yaml.safe_dump(
+                _compvis_yaml(config, unet_cfg, task.first_stage.model_cfg.to_dict()),
+                sort_keys=False,
+            )
+        )
         return out
     # diffusers
     if task.cond.kind != "clip":
