@@ -66,9 +66,52 @@ def test_grads_match_and_dtypes():
     np.testing.assert_allclose(out.astype(jnp.float32), _np_attention(q, k, v), atol=0.05)
 
 
+def _scaled_bhld(q, k, v):  # attention()'s [B, L, H, D] -> _blocked's [B, H, L, D], q scaled
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    return q * q.shape[-1] ** -0.5, k, v
+
+
+def test_blocked_is_naive_per_block():
+    # B2 x H3 = 6 groups, Lq 12: group blocks, row blocks, both, and one block.
+    q, k, v = _qkv(lq=12, lk=5, d=4)
+    rng = np.random.default_rng(0)
+    pad = np.ones((2, 1, 1, 5), bool)
+    pad[1, ..., 3:] = False
+    full = rng.random((2, 3, 12, 5)) > 0.4
+    full[..., 0] = True
+    for mask in (None, pad, full):
+        ref = lambda *a, m=mask: attn_lib._core(*_scaled_bhld(*a), m)
+        g_ref = jax.grad(lambda *a, f=ref: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+        for g, r in ((2, 12), (6, 4), (3, 3), (1, 1), (6, 12)):
+            blocked = lambda *a, g=g, r=r, m=mask: attn_lib._blocked(*_scaled_bhld(*a), m, g, r)
+            out = jax.jit(blocked)(q, k, v)
+            np.testing.assert_allclose(out, ref(q, k, v), atol=1e-6, rtol=1e-6)
+            loss = lambda *a, f=blocked: jnp.sum(jnp.sin(f(*a)))
+            grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+            for got, want in zip(grads, g_ref):
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_block_shapes_and_dispatch(monkeypatch):
+    # The measured shapes: SD's 64x64 level (B1, 4096 tokens, 8 x 40) and the small
+    # training UNet's 32x32 level (B8, 1024 tokens, 8 heads of 8 channels).
+    assert attn_lib._block_shape(8, 4096, 4096, 40, 4 << 20) == (1, 256)
+    assert attn_lib._block_shape(64, 1024, 1024, 8, 4 << 20) == (16, 64)
+    # A small budget makes attention(impl="chunked") block; its values stay naive's.
+    q, k, v = _qkv(lq=12, lk=5, d=2)
+    monkeypatch.setattr(attn_lib, "_MIN_CHUNK_KEYS", 1)
+    monkeypatch.setattr(attn_lib, "CHUNK_BYTES", 12 * 5 * 4)  # 6 blocks of 1 group x 12 rows
+    out = jax.jit(lambda *a: attention(*a, impl="chunked"))(q, k, v)
+    assert "scan" in str(jax.make_jaxpr(lambda *a: attention(*a, impl="chunked"))(q, k, v))
+    np.testing.assert_allclose(out, attention(q, k, v, impl="naive"), atol=1e-6, rtol=1e-6)
+    # Short key sequences (cross-attention over context tokens) are never split.
+    monkeypatch.setattr(attn_lib, "_MIN_CHUNK_KEYS", 256)
+    assert "scan" not in str(jax.make_jaxpr(lambda *a: attention(*a, impl="chunked"))(q, k, v))
+
+
 def test_auto_resolution_and_bad_impl():
     q = jnp.zeros((1, 2, 1, 8))
-    assert attn_lib._resolve("auto", q) == "naive"  # CPU: measured faster (see _resolve)
+    assert attn_lib._resolve("auto", q) == "chunked"  # CPU: measured faster (see _resolve)
     assert attn_lib._resolve("xla", q) == "xla"
     with pytest.raises(ValueError, match="impl"):
         attention(q, q, q, impl="flash")

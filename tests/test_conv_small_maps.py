@@ -20,6 +20,7 @@ DN = ("NHWC", "HWIO", "NHWC")
         ((2, 3, 3, 3), 3, "VALID"),
         ((2, 2, 3, 4), 3, ((0, 1), (1, 0))),
         ((1, 4, 4, 2), 4, ((1, 1), (1, 1))),  # PatchGAN's 4x4 kernels on a 4x4 map
+        ((2, 8, 8, 3), 3, ((1, 1), (1, 1))),  # few pixels (<= _IM2COL_PIXELS)
     ],
 )
 def test_small_map_conv_matches_xla(shape, kernel, padding):
@@ -40,8 +41,17 @@ def test_small_map_conv_matches_xla(shape, kernel, padding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_im2col_choice():
+    pays = lambda shape, k=3: layers._im2col_pays(shape, k, k)
+    # SD's UNet: 8x8 and 16x16 latents, and 32x32 with 1280 input channels, take im2col
+    assert pays((1, 8, 8, 2560)) and pays((1, 16, 16, 1280)) and pays((1, 32, 32, 1280))
+    # where XLA measured as fast or faster
+    assert not pays((1, 32, 32, 640)) and not pays((8, 8, 8, 256)) and not pays((1, 64, 64, 320))
+    assert pays((32, 2, 2, 512)) and pays((64, 1, 1, 8))  # maps no larger than the kernel
+
+
 def test_large_maps_and_strided_convs_go_to_xla():
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 5, 2))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 17, 2))  # 544 pixels
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 3))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
     for strides in ((1, 1), (2, 2)):

@@ -34,8 +34,11 @@ def _ae_args(workdir, data_dir, steps=3, *extra):
 
 @pytest.fixture(scope="module")
 def single_ae(tmp_path_factory, data_dir):
+    """One process with as many devices as the 2-process job has in all (4), so that each
+    device sees the same shapes and runs the same kernels: only where the sums of the
+    gradients happen differs."""
     workdir = tmp_path_factory.mktemp("single") / "ae"
-    run_module("ldm_jax.train", *_ae_args(workdir, data_dir))
+    run_module("ldm_jax.train", *_ae_args(workdir, data_dir), devices=4)
     return workdir
 
 
@@ -47,17 +50,14 @@ def two_process_ae(tmp_path_factory, data_dir):
 
 
 def test_four_processes_train_the_autoencoder_like_one_device(data_dir, tmp_path):
-    """4 processes x 2 devices against one process, with the discriminator off for these
-    3 steps. With it on (step 3 here), the adaptive weight ||grad nll|| / ||grad g_loss||
-    of a just-initialised discriminator magnifies float reduction-order differences
-    (gloo's cross-process sums add in another order; Adam's first steps flip the sign of
-    near-zero gradients): 4x2 and 2x4 processes agree exactly with each other but their
-    d_weight differs from one process's by 2.7% (2194.9 vs 2255.5). The 2-process test
-    above covers the discriminator's multi-process path."""
-    no_gan = "--config.loss.disc_start=100"
+    """4 processes x 2 devices against one process x 8 devices, the discriminator active at
+    step 3. Against one device the adaptive weight ||grad nll|| / ||grad g_loss|| of a
+    just-initialised discriminator magnifies reduction-order differences (Adam's first
+    steps flip the sign of near-zero gradients): d_weight came out 2.7% apart, 2194.9 vs
+    2255.5. With the same per-device shapes only gloo's sums differ."""
     one, four = tmp_path / "ae1", tmp_path / "ae4"
-    run_module("ldm_jax.train", *_ae_args(one, data_dir, 3, no_gan))
-    proc = run_launched(4, 2, "ldm_jax.train", *_ae_args(four, data_dir, 3, no_gan))
+    run_module("ldm_jax.train", *_ae_args(one, data_dir, 3), devices=8)
+    proc = run_launched(4, 2, "ldm_jax.train", *_ae_args(four, data_dir, 3))
     assert all(f"[{r}] done: step 3" in proc.stdout for r in range(4)), proc.stdout
     a, b = _losses(one), _losses(four)
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)

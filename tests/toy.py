@@ -33,10 +33,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 AE_CONFIG = "configs/autoencoder/quickstart.py:runlocal"
 
 
-def run_module(module, *args, check=True):
-    """`python -m module args` from the project root on one CPU device, as a user runs it."""
+def run_module(module, *args, check=True, devices=1):
+    """`python -m module args` from the project root on `devices` fake CPU devices (one by
+    default), as a user runs it."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device, fast compiles
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # fast compiles
+    if devices > 1:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, "-m", module, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

@@ -29,6 +29,18 @@ DENSE_BIAS_AXES = ("mlp",)
 NORM_AXES = ("norm",)
 
 
+_IM2COL_PIXELS = 256
+_IM2COL_DEPTH = 8192
+
+
+def _im2col_pays(shape: tuple[int, ...], kh: int, kw: int) -> bool:
+    b, h, w, c = shape  # NHWC input
+    pixels, depth = b * h * w, kh * kw * c  # matmul rows (stride 1) and contraction size
+    if (h <= kh and w <= kw) or pixels <= _IM2COL_PIXELS:
+        return True
+    return pixels <= 4 * _IM2COL_PIXELS and depth >= _IM2COL_DEPTH
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -42,13 +54,19 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ):
-    """`lax.conv_general_dilated`, except that tiny feature maps use im2col + one matmul.
+    """`lax.conv_general_dilated`, except that small feature maps use im2col + one matmul.
 
     XLA:CPU runs a 3x3 conv on a 2x2 (or 1x1) map 30-100x slower than the same work as a
     matmul (181 ms vs 1.7 ms for [32, 2, 2, 512] -> 512, bench/conv_small_maps.py): it hits
-    LPIPS-VGG16's last stage and the deepest levels of f=16/32 autoencoders. Plain strided,
-    undilated, ungrouped NHWC/HWIO convs on maps no larger than the kernel take the matmul
-    path; everything else goes to XLA unchanged.
+    LPIPS-VGG16's last stage and the deepest levels of f=16/32 autoencoders. It is also
+    2-3x slower when few output pixels meet many channels, as in SD's UNet at 8x8 and 16x16
+    latents: forward [1, 8, 8, 2560] -> 1280 84 vs 27 ms, [1, 16, 16, 1280] -> 1280 71 vs
+    40 ms; forward + backward [1, 32, 32, 1280] -> 1280 0.72 vs 0.52 s (min of 5, one
+    other process running; at [1, 32, 32, 640] -> 640 or [8, 8, 8, 256] -> 256 XLA is as
+    fast or faster). Plain strided, undilated, ungrouped NHWC/HWIO convs on maps no larger
+    than the kernel, on at most _IM2COL_PIXELS input pixels (B x H x W), or on at most
+    4 x _IM2COL_PIXELS with at least _IM2COL_DEPTH inputs per output take the matmul path;
+    everything else goes to XLA unchanged.
     """
     kh, kw = rhs.shape[0], rhs.shape[1]
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -60,7 +78,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
     )
-    if not plain or lhs.shape[1] > kh or lhs.shape[2] > kw or kh * kw == 1:
+    if not plain or not _im2col_pays(lhs.shape, kh, kw) or kh * kw == 1:
         return lax.conv_general_dilated(
             lhs,
             rhs,
