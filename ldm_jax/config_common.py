@@ -7,6 +7,8 @@ keeping its structure, so every paper config can be smoke-tested on a laptop.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import ml_collections
 
 from ldm_jax.evaluation import runner
@@ -325,3 +327,37 @@ def shrink_paper_ldm(c: ml_collections.ConfigDict, first_stage: str) -> ml_colle
         c.data.name = "digits" if c.cond.kind.startswith("text") else "photo_crops"
     c.data.eval_split = "test"
     return c
+
+
+def _stage_defaults(stage: str) -> ml_collections.ConfigDict:
+    if stage == "diffusion":
+        return diffusion_config(
+            first_stage_workdir="", model_channels=1, channel_mult=(1,), attention_resolutions=()
+        )
+    return autoencoder_config(kind="kl", embed_dim=1, ch_mult=(1,), attn_resolutions=())
+
+
+def from_stored(stored: Mapping) -> ml_collections.ConfigDict:
+    """A config saved as JSON (a checkpoint's), with the field types of the defaults back.
+
+    JSON keeps no types: an unset `data.data_dir` comes back as a bare None, which
+    `--config.data.data_dir=...` cannot override, and tuples come back as lists. Each None
+    that is a typed placeholder in the stage's defaults becomes that placeholder again, and
+    lists become tuples; keys the defaults lack are kept as they are.
+    """
+
+    def typed(values: Mapping, defaults) -> ml_collections.ConfigDict:
+        out = ml_collections.ConfigDict()
+        for key, value in values.items():
+            known = isinstance(defaults, ml_collections.ConfigDict) and key in defaults
+            if isinstance(value, Mapping):
+                out[key] = typed(value, defaults[key] if known else None)
+            elif value is None and known and defaults.get_ref(key).get_type() is not type(None):
+                out[key] = ml_collections.FieldReference(None, defaults.get_ref(key).get_type())
+            elif isinstance(value, list):
+                out[key] = tuple(value)
+            else:
+                out[key] = value
+        return out
+
+    return typed(stored, _stage_defaults(stored.get("stage", "autoencoder")))

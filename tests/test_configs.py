@@ -110,3 +110,44 @@ def test_multislice_mesh_needs_a_multislice_job():
     cfg.dcn_data = 2
     with pytest.raises(UserError, match="2 slices"):
         mesh_lib.make_mesh(cfg)
+
+
+def _placeholders(c, prefix=""):
+    """{path: type} of every None field with a declared type."""
+    out = {}
+    for key in c.keys():
+        value = c[key]
+        if hasattr(value, "keys"):
+            out |= _placeholders(value, f"{prefix}{key}.")
+        elif value is None and c.get_ref(key).get_type() is not type(None):
+            out[f"{prefix}{key}"] = c.get_ref(key).get_type()
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec", ["configs/autoencoder/kl_f8.py", "configs/diffusion/txt2img_ldm_kl8.py"]
+)
+def test_stored_config_gets_its_types_back(spec):
+    """A checkpoint's JSON config, read back by from_stored (configs/from_run.py): the same
+    values, tuples as tuples, and every typed placeholder typed again, so that
+    `--config.data.data_dir=...` can override it."""
+    import json
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    original = load_config(spec)
+    stored = json.loads(original.to_json())
+    assert stored["data"]["data_dir"] is None  # JSON dropped its type
+    back = config_common.from_stored(stored)
+    assert back.to_dict() == original.to_dict()
+    assert _placeholders(back) == _placeholders(original) and _placeholders(back)
+    assert isinstance(
+        back.model.ch_mult if "ch_mult" in back.model else back.model.channel_mult, tuple
+    )
+    # The command-line path: an override of a placeholder on the restored config.
+    argv = ["prog", "--config.data.data_dir=/data/tfds", "--config.batch_size=4"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", back, flag_values=fv, sys_argv=argv)
+    fv(argv)
+    assert fv.config.data.data_dir == "/data/tfds" and fv.config.batch_size == 4

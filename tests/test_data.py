@@ -245,6 +245,15 @@ def test_resume_from_state_and_seeds(data_dir):
     assert not np.array_equal(next(other)["image"], expected[0])
     with pytest.raises(UserError, match="seed"):
         other.set_state(state)
+    with pytest.raises(UserError, match=r"global_batch_size=6.*--config.batch_size=6"):
+        TrainIterator(cfg, global_batch_size=4, seed=5, process_count=1).set_state(state)
+    # A stream that never began (an imported run at step 0) takes any seed and batch size.
+    unstarted = TrainIterator(cfg, global_batch_size=4, seed=9, process_count=1)
+    unstarted.set_state({"next_batch": 0, "seed": 5, "global_batch_size": 6})
+    first = next(unstarted)["image"]
+    np.testing.assert_array_equal(
+        first, next(TrainIterator(cfg, global_batch_size=4, seed=9, process_count=1))["image"]
+    )
 
 
 def test_batch_size_and_size_errors(data_dir):

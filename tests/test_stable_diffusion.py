@@ -281,3 +281,45 @@ def test_sd2_style_single_file(tmp_path):
     expected_text = {k: v for k, v in text.items() if k != "layers_2"}  # the skipped block
     assert _same(task.cond.frozen_params()["text_encoder"], expected_text)
     _pipeline_agrees(workdir, tmp_path, "sd2")
+
+
+def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
+    """`ldm_jax.train` continues an import from its stored config (configs/from_run.py) on
+    the digits captions: the UNet and its EMA move, the CLIP tower and VAE stay frozen,
+    and the run resumes where it stopped."""
+    import shutil
+
+    from toy import run_module
+
+    from ldm_jax.training.restore import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(imported, run)
+    args = [f"--config=configs/from_run.py:{run}", f"--workdir={run}",
+            "--config.data.name=digits", f"--config.data.data_dir={data_dir}",
+            "--config.data.eval_split=test", "--config.batch_size=4",
+            "--config.train.eval_batch_size=4", "--config.train.progress_bar=False",
+            "--config.train.checkpoint_every=1000", "--config.train.log_every=1",
+            "--config.train.eval_examples=4", "--config.sampling.steps=2",
+            "--config.sampling.grid_rows=1"]  # fmt: skip
+    # 8 image rows, 4 captions: the grid takes one column per caption.
+    run_module("ldm_jax.train", *args, "--config.train.num_steps=2")
+    _, _, before, _ = load_run(imported)
+    _, _, after, step = load_run(run)
+    assert step == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (run / "images" / "diffusion_0000002.png").is_file()
+
+    def moved(a, b):
+        return max(
+            float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        )
+
+    assert moved(after.params["unet"], before.params["unet"]) > 1e-5
+    assert moved(after.ema_params, before.ema_params) > 0
+    text = tensor_files.load_params(run / "text_encoder.safetensors")
+    assert _same(text, tensor_files.load_params(imported / "text_encoder.safetensors"))
+    run_module("ldm_jax.train", *args, "--config.train.num_steps=3")  # resumes at step 2
+    assert load_run(run)[3] == 3

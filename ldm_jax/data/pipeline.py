@@ -261,12 +261,14 @@ class TrainIterator:
         }
 
     def set_state(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size"):
-            if key in state and state[key] != getattr(self, key):
+        # A stream that has not begun (an imported run at step 0) has no order to continue.
+        started = state.get("next_batch", 0) > 0
+        for key, flag in (("seed", "seed"), ("global_batch_size", "batch_size")):
+            if started and key in state and state[key] != getattr(self, key):
                 raise UserError(
                     f"data iterator state was saved with {key}={state[key]}, but this run uses "
                     f"{getattr(self, key)}; the batch order would not continue. Use the saved "
-                    "value or start the data stream afresh."
+                    f"value (--config.{flag}={state[key]}) or train into a new --workdir."
                 )
         self._start(int(state["next_batch"]))
 

@@ -323,7 +323,11 @@ class DiffusionTask:
         """Rows of samples, one column per condition: classes 0.. for class models, the
         eval batch's captions (text) or low-res images (concat, shown as the first row)."""
         sc = self.config.sampling
-        cols = rows if self.cond.kind != "class" else min(rows, self.cond.n_classes)
+        cols = rows
+        if self.cond.kind == "class":
+            cols = min(rows, self.cond.n_classes)
+        elif self.concat or self.cond.is_text:  # one column per example of the eval batch
+            cols = min(rows, batch["image"].shape[0])
         inputs = {}
         if self.cond.kind == "class":
             inputs = self.cond.labels_inputs(np.arange(cols))

@@ -13,15 +13,8 @@ from ldm_jax.errors import UserError
 from ldm_jax.training import checkpoint as ckpt_lib
 
 
-def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False):
-    """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
-    of the run when given; `overrides(config)` may edit the config before the task is
-    built (e.g. sampling settings or the mesh). With `sharded`, the state is restored
-    onto the mesh of `config.mesh` with the training shardings (its arrays' `.sharding.mesh`);
-    otherwise onto this process's default device."""
-    from ldm_jax.training.loop import make_task
-
-    workdir = pathlib.Path(workdir).absolute()
+def _open(workdir: pathlib.Path, step: int, stage: str | None):
+    """-> (read-only Checkpointer, step, its metadata holding the run's config)."""
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
     steps = ckpt.manager.all_steps()
     if not steps:
@@ -38,6 +31,25 @@ def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, 
             "that did not store the run's config with it; it can still be a diffusion run's "
             "first stage, but commands that rebuild the run need a checkpoint of this version."
         )
+    return ckpt, step, meta
+
+
+def stored_config(workdir) -> dict:
+    """The config stored with the latest checkpoint of `workdir`, as a plain dict."""
+    _, _, meta = _open(pathlib.Path(workdir).absolute(), -1, None)
+    return meta["config"]
+
+
+def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False):
+    """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
+    of the run when given; `overrides(config)` may edit the config before the task is
+    built (e.g. sampling settings or the mesh). With `sharded`, the state is restored
+    onto the mesh of `config.mesh` with the training shardings (its arrays' `.sharding.mesh`);
+    otherwise onto this process's default device."""
+    from ldm_jax.training.loop import make_task
+
+    workdir = pathlib.Path(workdir).absolute()
+    ckpt, step, meta = _open(workdir, step, stage)
     config = ml_collections.ConfigDict(meta["config"])
     if overrides is not None:
         overrides(config)
