@@ -142,9 +142,8 @@ def test_stored_config_gets_its_types_back(spec):
     back = config_common.from_stored(stored)
     assert back.to_dict() == original.to_dict()
     assert _placeholders(back) == _placeholders(original) and _placeholders(back)
-    assert isinstance(
-        back.model.ch_mult if "ch_mult" in back.model else back.model.channel_mult, tuple
-    )
+    mult = "ch_mult" if back.stage == "autoencoder" else "channel_mult"
+    assert isinstance(back.model[mult], tuple)
     # The command-line path: an override of a placeholder on the restored config.
     argv = ["prog", "--config.data.data_dir=/data/tfds", "--config.batch_size=4"]
     fv = flags.FlagValues()
