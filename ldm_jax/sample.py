@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--labels", default=None, help="comma-separated class ids")
     p.add_argument("--prompts", nargs="*", default=None, help="text prompts")
+    p.add_argument(
+        "--negative_prompt",
+        default=None,
+        help="text runs: guide away from this text instead of the empty prompt",
+    )
     p.add_argument("--num_per_condition", type=int, default=4)
     p.add_argument("--sampler", default=None, help="ddpm, ddim, plms, dpm_solver_pp_2m")
     p.add_argument("--steps", type=int, default=None)
@@ -94,6 +99,15 @@ def run(args) -> dict:
         inputs_per = [task.cond.encode_prompts([p] * n) for p in conds]
     else:
         conds, inputs_per = [None], [{}]
+    uncond = None
+    if args.negative_prompt is not None:
+        if not task.cond.is_text:
+            raise UserError(
+                f"--negative_prompt needs a text-conditional run; this one is {task.cond.kind!r}."
+            )
+        if sc.guidance_scale == 1.0:
+            raise UserError("--negative_prompt acts through guidance: pass --guidance above 1.")
+        uncond = task.cond.encode_prompts([args.negative_prompt] * n)
     s = args.latent_size or task.latent_size
     shape = (n, s, s, task.first_stage.latent_channels)
     split = n % mesh_lib.batch_size_per_shard(mesh) == 0  # else each device draws them all
@@ -102,12 +116,13 @@ def run(args) -> dict:
     with jax.set_mesh(mesh):
         frozen = jax.device_put(jax.device_get(task.frozen_params()), mesh_lib.replicated(mesh))
         fn = jax.jit(
-            lambda st, fr, inp, r: task.sample(st, fr, inp, r, shape=shape),
+            lambda st, fr, inp, un, r: task.sample(st, fr, inp, r, shape=shape, uncond=un),
             out_shardings=out_sharding,
         )
         for i, inputs in enumerate(inputs_per):
             rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-            images = multihost_utils.process_allgather(fn(state, frozen, inputs, rng), tiled=True)
+            images = fn(state, frozen, inputs, uncond, rng)
+            images = multihost_utils.process_allgather(images, tiled=True)
             rows.append(outputs.to_uint8(images))
     if jax.process_index() != 0:
         return {"images": np.concatenate(rows), "labels": labels, "out": None}
@@ -129,6 +144,7 @@ def run(args) -> dict:
         "guidance_scale": sc.guidance_scale,
         "seed": args.seed,
         "conditions": conds,
+        "negative_prompt": args.negative_prompt,
         "num_per_condition": n,
     }
     (out / "samples.json").write_text(json.dumps(settings, indent=2) + "\n")

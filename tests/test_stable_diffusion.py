@@ -104,10 +104,11 @@ def test_import_gives_a_run_with_the_files_weights(sd_file, imported):
     assert float(state.scale_factor) == pytest.approx(0.18215)
 
 
-def _pipeline_agrees(workdir, tmp_path, tokenizer: str) -> None:
+def _pipeline_agrees(workdir, tmp_path, tokenizer: str, negatives=(None,)) -> None:
     """ldm_jax's sampling of `workdir` and diffusers' StableDiffusionPipeline on our
     diffusers export give the same images from the same starting latents (DDIM, 4 steps,
-    guidance 7.5)."""
+    guidance 7.5), with the empty prompt or each negative prompt as the guidance's
+    unconditional branch."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextModel
@@ -124,8 +125,6 @@ def _pipeline_agrees(workdir, tmp_path, tokenizer: str) -> None:
     inputs = task.cond.encode_prompts([prompt] * 2)
     sampling = config.sampling.copy_and_resolve_references()
     sampling.update(dict(steps=4, guidance_scale=7.5))
-    ours = task.sample(state, task.frozen_params(), inputs, jax.random.PRNGKey(0), noise=noise,
-                       sampling=sampling)  # fmt: skip
     pipe = diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
@@ -135,12 +134,21 @@ def _pipeline_agrees(workdir, tmp_path, tokenizer: str) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     latents = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
-    with torch.no_grad():
-        theirs = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=7.5, latents=latents,
-                      height=32, width=32, output_type="np").images  # fmt: skip
-    got = (np.asarray(ours) + 1.0) / 2.0
-    assert np.std(theirs) > 0.01
-    np.testing.assert_allclose(np.clip(got, 0, 1), theirs, atol=1e-4)  # measured 5.7e-6
+    results = []
+    for negative in negatives:
+        uncond = None if negative is None else task.cond.encode_prompts([negative] * 2)
+        ours = task.sample(state, task.frozen_params(), inputs, jax.random.PRNGKey(0),
+                           noise=noise, sampling=sampling, uncond=uncond)  # fmt: skip
+        with torch.no_grad():
+            theirs = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=7.5,
+                          latents=latents.clone(), height=32, width=32, output_type="np",
+                          negative_prompt=None if negative is None else [negative] * 2).images  # fmt: skip
+        got = (np.asarray(ours) + 1.0) / 2.0
+        assert np.std(theirs) > 0.01
+        np.testing.assert_allclose(np.clip(got, 0, 1), theirs, atol=1e-4)  # measured 5e-6 to 9e-6
+        results.append(got)
+    for other in results[1:]:  # a negative prompt changes the images
+        assert np.max(np.abs(other - results[0])) > 1e-3
 
 
 def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
@@ -150,7 +158,38 @@ def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
                        "--num_per_condition=2", "--steps=4", "--guidance=7.5",
                        f"--out={tmp_path / 'samples'}"])  # fmt: skip
     assert out["images"].shape == (2, 32, 32, 3) and (tmp_path / "samples/samples.png").is_file()
-    _pipeline_agrees(imported, tmp_path, "sd1")
+    _pipeline_agrees(imported, tmp_path, "sd1", negatives=(None, "blurry, low quality"))
+
+
+def test_negative_prompt_command(imported, tmp_path, capsys):
+    """--negative_prompt: the command's images are the API's with that prompt's encoding as
+    the unconditional branch, and it is recorded with them."""
+    from ldm_jax import sample
+    from ldm_jax.training import outputs
+    from ldm_jax.training.restore import load_run
+
+    negative = "blurry, low quality"
+    common = [f"--workdir={imported}", "--prompts", "a photo of a cat", "--num_per_condition=2",
+              "--steps=4", "--seed=3"]  # fmt: skip
+    out = sample.main([*common, "--guidance=7.5", "--negative_prompt", negative,
+                       f"--out={tmp_path / 'neg'}"])  # fmt: skip
+    assert json.loads((tmp_path / "neg/samples.json").read_text())["negative_prompt"] == negative
+    config, task, state, _ = load_run(imported)
+    sampling = config.sampling.copy_and_resolve_references()
+    sampling.update(dict(steps=4, guidance_scale=7.5))
+    encode = task.cond.encode_prompts
+    rng = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+    want = {
+        name: outputs.to_uint8(task.sample(state, task.frozen_params(), encode(["a photo of a cat"] * 2),
+                                           rng, shape=(2, 16, 16, 4), sampling=sampling, uncond=un))
+        for name, un in (("negative", encode([negative] * 2)), ("empty", None))
+    }  # fmt: skip
+    diff = np.abs(out["images"].astype(int) - want["negative"].astype(int))
+    assert diff.max() <= 1  # uint8 rounding of sharded vs single-device floats
+    assert np.abs(out["images"].astype(int) - want["empty"].astype(int)).max() > 5
+    with pytest.raises(SystemExit):
+        sample.main([*common, "--guidance=1.0", "--negative_prompt", negative])
+    assert "pass --guidance above 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", ["ldm_jax", "msgpack", "compvis", "diffusers"])

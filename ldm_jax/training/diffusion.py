@@ -275,20 +275,33 @@ class DiffusionTask:
         return {"loss": per_example}
 
     def sample(
-        self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None, noise=None
+        self,
+        state,
+        frozen,
+        inputs,
+        rng,
+        *,
+        images=None,
+        shape=None,
+        sampling=None,
+        noise=None,
+        uncond=None,
     ):
         """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1].
 
         `inputs` are device conditioning inputs (e.g. from `cond.labels_inputs`);
         `shape` (B, h, w, c) of the latents may exceed the trained latent size
         (convolutional sampling); `noise` (that shape) replaces the drawn starting latents
-        x_T; `images` feed a concat condition.
+        x_T; `images` feed a concat condition. `uncond` replaces the null condition of
+        classifier-free guidance (a negative prompt's inputs, same batch as `inputs`).
         """
         sc = sampling or self.config.sampling
         sampler = samplers.get_sampler(sc.sampler)
         shape = tuple(noise.shape) if noise is not None else shape
         b = shape[0]
-        uncond = {k: jnp.asarray(v) for k, v in self.cond.null_inputs(b).items()}
+        if uncond is None:
+            uncond = self.cond.null_inputs(b)
+        uncond = {k: jnp.asarray(v) for k, v in uncond.items()}
         # FSDP: gather the weights once, not in every step of the sampler's loop.
         specs = self.state_specs.params
         ema = mesh_lib.gather_for_compute(state.ema_params, specs["unet"])
