@@ -360,5 +360,8 @@ def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
     assert moved(after.ema_params, before.ema_params) > 0
     text = tensor_files.load_params(run / "text_encoder.safetensors")
     assert _same(text, tensor_files.load_params(imported / "text_encoder.safetensors"))
-    run_module("ldm_jax.train", *args, "--config.train.num_steps=3")  # resumes at step 2
-    assert load_run(run)[3] == 3
+    # The step-2 checkpoint stores the fine-tune's settings: resuming needs only the step.
+    spec = f"--config=configs/from_run.py:{run}"
+    run_module("ldm_jax.train", spec, f"--workdir={run}", "--config.train.num_steps=3")
+    config, _, _, step = load_run(run)
+    assert step == 3 and config.data.name == "digits" and config.batch_size == 4
