@@ -32,6 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="text runs: guide away from this text instead of the empty prompt",
     )
+    p.add_argument(
+        "--init_image",
+        default=None,
+        help="image-to-image: start from this image (resized and centre-cropped), noised",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="with --init_image: how far up the sampler's grid to noise it, in (0, 1]",
+    )
     p.add_argument("--num_per_condition", type=int, default=4)
     p.add_argument("--sampler", default=None, help="ddpm, ddim, plms, dpm_solver_pp_2m")
     p.add_argument("--steps", type=int, default=None)
@@ -110,18 +121,33 @@ def run(args) -> dict:
         uncond = task.cond.encode_prompts([args.negative_prompt] * n)
     s = args.latent_size or task.latent_size
     shape = (n, s, s, task.first_stage.latent_channels)
+    init, strength = None, None
+    if args.init_image is not None:
+        if task.concat:
+            raise UserError("--init_image is for runs without a dense (concat) condition.")
+        try:
+            task.img2img_start(args.strength, sc)  # a bad strength fails before any work
+        except ValueError as e:
+            raise UserError(f"--strength: {e}") from None
+        image = outputs.load_image(args.init_image, s * task.first_stage.factor)
+        init, strength = np.repeat(image[None], n, axis=0), args.strength
     split = n % mesh_lib.batch_size_per_shard(mesh) == 0  # else each device draws them all
     out_sharding = mesh_lib.batch_sharding(mesh) if split else mesh_lib.replicated(mesh)
     rows = []
     with jax.set_mesh(mesh):
         frozen = jax.device_put(jax.device_get(task.frozen_params()), mesh_lib.replicated(mesh))
-        fn = jax.jit(
-            lambda st, fr, inp, un, r: task.sample(st, fr, inp, r, shape=shape, uncond=un),
-            out_shardings=out_sharding,
-        )
+
+        def draw(st, fr, inp, un, init, r):
+            init_latents = None
+            if init is not None:  # encode with its own key: the sampler's stays as without
+                init_latents = task.encode_images(st, fr, init, jax.random.fold_in(r, 1 << 20))
+            return task.sample(st, fr, inp, r, shape=shape, uncond=un,
+                               init_latents=init_latents, strength=strength)  # fmt: skip
+
+        fn = jax.jit(draw, out_shardings=out_sharding)
         for i, inputs in enumerate(inputs_per):
             rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-            images = fn(state, frozen, inputs, uncond, rng)
+            images = fn(state, frozen, inputs, uncond, init, rng)
             images = multihost_utils.process_allgather(images, tiled=True)
             rows.append(outputs.to_uint8(images))
     if jax.process_index() != 0:
@@ -145,6 +171,8 @@ def run(args) -> dict:
         "seed": args.seed,
         "conditions": conds,
         "negative_prompt": args.negative_prompt,
+        "init_image": args.init_image,
+        "strength": strength,
         "num_per_condition": n,
     }
     (out / "samples.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -4,6 +4,7 @@ image against diffusers' StableDiffusionPipeline on our diffusers export, and ex
 every layout and read back to identical arrays."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -365,3 +366,87 @@ def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
     run_module("ldm_jax.train", spec, f"--workdir={run}", "--config.train.num_steps=3")
     config, _, _, step = load_run(run)
     assert step == 3 and config.data.name == "digits" and config.batch_size == 4
+
+
+def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
+    """Image-to-image at strength 0.6 (DDIM 10 steps: the last 6, from the encoded image
+    noised to their first timestep) equals diffusers' StableDiffusionImg2ImgPipeline given
+    the same latents and noise."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextModel
+
+    from ldm_jax import export
+    from ldm_jax.models import clip_tokenizer
+    from ldm_jax.training.restore import load_run
+
+    folder = tmp_path / "diffusers"
+    export.main([f"--workdir={imported}", "--layout=diffusers", f"--out={folder}"])
+    config, task, state, _ = load_run(imported)
+    frozen = task.frozen_params()
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    z0 = task.encode_images(state, frozen, images, jax.random.PRNGKey(2))
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((2, 4, 16, 16), generator=generator)  # what the pipeline draws
+    sampling = config.sampling.copy_and_resolve_references()
+    sampling.update(dict(steps=10, guidance_scale=7.5))
+    assert task.img2img_start(0.6, sampling)[0] == 4
+    prompt = ["a photo of a cat"] * 2
+    ours = task.sample(state, frozen, task.cond.encode_prompts(prompt), jax.random.PRNGKey(0),
+                       sampling=sampling, init_latents=z0, strength=0.6,
+                       noise=jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)))  # fmt: skip
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=clip_tokenizer.clip_tokenizer("sd1"),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    latents = torch.from_numpy(np.asarray(z0).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        theirs = pipe(prompt, image=latents, strength=0.6, num_inference_steps=10,
+                      guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images  # fmt: skip
+    got = np.clip((np.asarray(ours) + 1.0) / 2.0, 0, 1)
+    assert np.std(theirs) > 0.01
+    np.testing.assert_allclose(got, theirs, atol=1e-4)  # measured 4.2e-6
+
+
+def test_img2img_command(imported, tmp_path, capsys):
+    """--init_image/--strength: the command's images are the API's (encoding with the
+    sample key folded with 2^20), recorded with their settings; bad input is one error."""
+    from PIL import Image
+
+    from ldm_jax import sample
+    from ldm_jax.training import outputs
+    from ldm_jax.training.restore import load_run
+
+    picture = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "init.png")
+    common = [f"--workdir={imported}", "--prompts", "a photo of a cat", "--num_per_condition=2",
+              "--steps=4", "--guidance=7.5", f"--init_image={tmp_path / 'init.png'}"]  # fmt: skip
+    out = sample.main([*common, "--strength=0.5", f"--out={tmp_path / 'i2i'}"])
+    settings = json.loads((tmp_path / "i2i/samples.json").read_text())
+    assert settings["strength"] == 0.5 and settings["init_image"].endswith("init.png")
+    config, task, state, _ = load_run(imported)
+    sampling = config.sampling.copy_and_resolve_references()
+    sampling.update(dict(steps=4, guidance_scale=7.5))
+    image = outputs.load_image(tmp_path / "init.png", 32)
+    assert image.shape == (32, 32, 3) and -1 <= image.min() and image.max() <= 1
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    frozen = task.frozen_params()
+    z0 = task.encode_images(state, frozen, jnp.asarray(np.stack([image] * 2)),
+                            jax.random.fold_in(rng, 1 << 20))  # fmt: skip
+    want = task.sample(state, frozen, task.cond.encode_prompts(["a photo of a cat"] * 2), rng,
+                       sampling=sampling, init_latents=z0, strength=0.5)  # fmt: skip
+    diff = np.abs(out["images"].astype(int) - outputs.to_uint8(want).astype(int))
+    assert diff.max() <= 1  # uint8 rounding of sharded vs single-device floats
+    for bad, message in (("--strength=0.1", "takes no step of 4"),
+                         ("--strength=1.5", r"strength must be in \(0, 1\]")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            sample.main([*common, bad])
+        assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        sample.main([*common[:-1], f"--init_image={tmp_path / 'missing.png'}"])
+    assert "missing.png not found" in capsys.readouterr().err

@@ -10,6 +10,11 @@ a shape (x_T ~ N(0, I) drawn from `rng`) or x_T itself. Per-step noise comes fro
 `fold_in(rng, step)`, so a seed fixes the samples. The timestep grids depend only on
 Python ints, so a whole sampler traces into one jit-able graph; batch sharding is left
 to the caller's jit shardings (nothing here assumes one device).
+
+`skip` (keyword, every sampler) starts partway down the grid: the first `skip` grid steps
+are left out and `shape_or_x_T` is x at grid point `skip`, i.e. at `timesteps(...)[skip]`.
+That is image-to-image ("SDEdit"): noise an encoded image to that timestep, then denoise;
+`img2img_start` turns a strength in (0, 1] into (skip, timestep) as diffusers does.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def ddpm(
     *,
     parameterization: str = "eps",
     clip_denoised: bool = False,
+    skip: int = 0,
 ):
     """Ancestral sampling through all T steps with the posterior q(x_{t-1} | x_t, x0_hat).
 
@@ -75,6 +81,7 @@ def ddpm(
     The last step (t = 0) adds no noise and returns the posterior mean.
     """
     x, key = _start(shape_or_x_T, rng)
+    _check_skip(skip, sched.num_timesteps)
 
     def step(x, t):
         _, x0 = _predict(model_fn, sched, x, t, parameterization)
@@ -85,7 +92,7 @@ def ddpm(
         noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
         return mean + std * noise, None
 
-    ts = jnp.arange(sched.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    ts = jnp.arange(sched.num_timesteps - 1 - skip, -1, -1, dtype=jnp.int32)
     x, _ = jax.lax.scan(step, x, ts)
     return x
 
@@ -132,9 +139,11 @@ def ddim(
     num_steps: int = 50,
     eta: float = 0.0,
     spacing: str = "uniform",
+    skip: int = 0,
 ):
     """DDIM (Song et al. 2021); eta = 0 deterministic, eta = 1 DDPM-like variance."""
     ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing)
+    _check_skip(skip, len(ts))
     a_t, a_prev = _ddim_alphas(sched, ts)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
     deterministic = isinstance(eta, int | float) and eta == 0
@@ -158,7 +167,7 @@ def ddim(
         a_prev[::-1],
         sigma[::-1],
     )
-    x, _ = jax.lax.scan(step, x, xs)
+    x, _ = jax.lax.scan(step, x, jax.tree.map(lambda a: a[skip:], xs))
     return x
 
 
@@ -171,6 +180,7 @@ def plms(
     parameterization: str = "eps",
     num_steps: int = 50,
     spacing: str = "uniform",
+    skip: int = 0,
 ):
     """Pseudo linear multistep (Liu et al. 2022), as LDM's PLMSSampler.
 
@@ -179,8 +189,10 @@ def plms(
     the stored eps, each applied through the DDIM (eta = 0) update.
     """
     ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing)
+    _check_skip(skip, len(ts))
     a_t, a_prev = _ddim_alphas(sched, ts)
-    t_rev, a_t, a_prev = jnp.asarray(ts[::-1]), a_t[::-1], a_prev[::-1]
+    t_rev, a_t, a_prev = jnp.asarray(ts[::-1])[skip:], a_t[::-1][skip:], a_prev[::-1][skip:]
+    ts = ts[: len(ts) - skip]  # the grid points still to visit
     x, _ = _start(shape_or_x_T, rng)
 
     def eps_at(x, t):
@@ -227,6 +239,7 @@ def dpm_solver_pp_2m(
     parameterization: str = "eps",
     num_steps: int = 20,
     final_sigma: str = "zero",
+    skip: int = 0,
 ):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, as diffusers'
     DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
@@ -240,6 +253,7 @@ def dpm_solver_pp_2m(
     if final_sigma not in FINAL_SIGMAS:
         raise ValueError(f"unknown final_sigma {final_sigma!r}; valid: {', '.join(FINAL_SIGMAS)}")
     ts = dpm_solver_timesteps(sched.num_timesteps, num_steps)
+    _check_skip(skip, len(ts))
     n = len(ts)
     abar = sched.alphas_cumprod
     alpha_s, sigma_s = jnp.sqrt(abar[ts]), jnp.sqrt(1.0 - abar[ts])
@@ -256,7 +270,9 @@ def dpm_solver_pp_2m(
 
     idx = np.arange(n)
     last_first_order = final_sigma == "zero" or n < 15
-    second = (idx >= 1) & ~((idx == n - 1) & last_first_order)
+    # The first step taken has no history: first order, also after a skip (diffusers'
+    # img2img counts the steps taken, while "n < 15" is the whole grid's length).
+    second = (idx >= skip + 1) & ~((idx == n - 1) & last_first_order)
     phi = jnp.expm1(-h)  # exp(-h) - 1, exactly -1 at h = inf
     c_x = sigma_t / sigma_s
     c_d0 = -alpha_t * phi
@@ -273,8 +289,44 @@ def dpm_solver_pp_2m(
         x = c_x * x + c_d0 * m + c_d1 * (m - m_prev)
         return (x, m), None
 
-    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), (jnp.asarray(ts), c_x, c_d0, c_d1))
+    xs = jax.tree.map(lambda a: a[skip:], (jnp.asarray(ts), c_x, c_d0, c_d1))
+    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), xs)
     return x
+
+
+def _check_skip(skip: int, n: int) -> None:
+    if not 0 <= skip < n:
+        raise ValueError(f"skip must be in [0, {n - 1}] for this grid of {n} steps, got {skip}")
+
+
+def timesteps(name: str, num_timesteps: int, *, num_steps: int = 50, spacing: str = "uniform"):
+    """The descending training timesteps at which sampler `name` calls the model (the
+    first call of each step; PLMS's first step also calls it at the next grid point)."""
+    if name == "ddpm":
+        return np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
+    if name in ("ddim", "plms"):
+        return ddim_timesteps(num_timesteps, num_steps, spacing)[::-1]
+    if name == "dpm_solver_pp_2m":
+        return dpm_solver_timesteps(num_timesteps, num_steps)
+    get_sampler(name)  # unknown name -> the error listing the valid ones
+    raise ValueError(f"no timestep grid for sampler {name!r}")
+
+
+def img2img_start(grid: np.ndarray, strength: float) -> tuple[int, int]:
+    """(skip, timestep) for image-to-image at `strength` in (0, 1]: the last
+    int(len(grid) x strength) steps of the descending grid are taken, starting from the
+    image noised to the first of them (diffusers' img2img rule; strength 1 starts from
+    the grid's top, close to pure noise)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    taken = int(len(grid) * strength)
+    if taken < 1:
+        raise ValueError(
+            f"strength {strength} takes no step of {len(grid)}: raise it to at least "
+            f"{1 / len(grid):.3g} or sample with more steps"
+        )
+    skip = len(grid) - taken
+    return skip, int(grid[skip])
 
 
 SAMPLERS: dict[str, Callable] = {

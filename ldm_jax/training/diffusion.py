@@ -286,6 +286,8 @@ class DiffusionTask:
         sampling=None,
         noise=None,
         uncond=None,
+        init_latents=None,
+        strength=None,
     ):
         """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1].
 
@@ -294,9 +296,20 @@ class DiffusionTask:
         (convolutional sampling); `noise` (that shape) replaces the drawn starting latents
         x_T; `images` feed a concat condition. `uncond` replaces the null condition of
         classifier-free guidance (a negative prompt's inputs, same batch as `inputs`).
+        `init_latents` (scaled, as `encode_images` gives) with `strength` in (0, 1] is
+        image-to-image: they are noised to the step `strength` of the way up the sampler's
+        grid (with `noise` if given) and denoised from there.
         """
         sc = sampling or self.config.sampling
         sampler = samplers.get_sampler(sc.sampler)
+        opts = _sampler_opts(sc)
+        if init_latents is not None:
+            opts["skip"], t_start = self.img2img_start(strength, sc)
+            r_noise, rng = jax.random.split(rng)
+            if noise is None:
+                noise = jax.random.normal(r_noise, init_latents.shape, jnp.float32)
+            t = jnp.full((init_latents.shape[0],), t_start, jnp.int32)
+            noise = objectives.q_sample(self.sched, init_latents, t, noise)
         shape = tuple(noise.shape) if noise is not None else shape
         b = shape[0]
         if uncond is None:
@@ -317,11 +330,6 @@ class DiffusionTask:
             fn = guidance.guided_model_fn(model_fn, inputs, uncond, float(sc.guidance_scale))
         else:
             fn = lambda x, t: model_fn(x, t, inputs)  # noqa: E731
-        opts = {}
-        if sc.sampler != "ddpm":
-            opts["num_steps"] = int(sc.steps)
-        if sc.sampler == "ddim":
-            opts["eta"] = float(sc.eta)
         z = sampler(
             fn,
             self.sched,
@@ -331,6 +339,18 @@ class DiffusionTask:
             **opts,
         )
         return self.first_stage.decode(frozen["first_stage"], z / state.scale_factor)
+
+    def img2img_start(self, strength: float, sampling=None) -> tuple[int, int]:
+        """(grid steps skipped, timestep the image is noised to) at `strength`."""
+        sc = sampling or self.config.sampling
+        opts = {k: v for k, v in _sampler_opts(sc).items() if k != "eta"}
+        grid = samplers.timesteps(sc.sampler, self.sched.num_timesteps, **opts)
+        return samplers.img2img_start(grid, float(strength))
+
+    def encode_images(self, state, frozen, images, rng):
+        """images [B, H, W, 3] in [-1, 1] -> the scaled latents the UNet samples (a
+        posterior sample for KL first stages, as training and the reference's img2img)."""
+        return self.first_stage.encode(frozen["first_stage"], images, rng) * state.scale_factor
 
     def sample_grid(self, state, batch, rows: int, frozen) -> list:
         """Rows of samples, one column per condition: classes 0.. for class models, the
@@ -370,6 +390,16 @@ class DiffusionTask:
 
             cache[n] = jax.jit(fn)
         return cache[n]
+
+
+def _sampler_opts(sc) -> dict:
+    """The sampler's keyword options from a sampling config."""
+    opts = {}
+    if sc.sampler != "ddpm":
+        opts["num_steps"] = int(sc.steps)
+    if sc.sampler == "ddim":
+        opts["eta"] = float(sc.eta)
+    return opts
 
 
 def _cache_enabled(config) -> bool:

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ldm_jax.errors import UserError
+
 
 def to_uint8(images) -> np.ndarray:
     """[-1, 1] floats -> uint8, the same rounding everywhere in the project."""
@@ -25,6 +27,25 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             grid[y : y + h, x : x + w] = img
     return grid
+
+
+def load_image(path, size: int) -> np.ndarray:
+    """An image file -> [size, size, 3] float32 in [-1, 1]: the shorter side resized to
+    `size` (bicubic), then the centre cropped."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} not found.")
+    try:
+        img = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise UserError(f"{path} is not an image PIL can read: {e}") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, np.float32) / 127.5 - 1.0
 
 
 def save_png(path: pathlib.Path, image: np.ndarray, upscale: int = 1) -> None:
