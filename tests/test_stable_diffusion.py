@@ -162,37 +162,6 @@ def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
     _pipeline_agrees(imported, tmp_path, "sd1", negatives=(None, "blurry, low quality"))
 
 
-def test_negative_prompt_command(imported, tmp_path, capsys):
-    """--negative_prompt: the command's images are the API's with that prompt's encoding as
-    the unconditional branch, and it is recorded with them."""
-    from ldm_jax import sample
-    from ldm_jax.training import outputs
-    from ldm_jax.training.restore import load_run
-
-    negative = "blurry, low quality"
-    common = [f"--workdir={imported}", "--prompts", "a photo of a cat", "--num_per_condition=2",
-              "--steps=4", "--seed=3"]  # fmt: skip
-    out = sample.main([*common, "--guidance=7.5", "--negative_prompt", negative,
-                       f"--out={tmp_path / 'neg'}"])  # fmt: skip
-    assert json.loads((tmp_path / "neg/samples.json").read_text())["negative_prompt"] == negative
-    config, task, state, _ = load_run(imported)
-    sampling = config.sampling.copy_and_resolve_references()
-    sampling.update(dict(steps=4, guidance_scale=7.5))
-    encode = task.cond.encode_prompts
-    rng = jax.random.fold_in(jax.random.PRNGKey(3), 0)
-    want = {
-        name: outputs.to_uint8(task.sample(state, task.frozen_params(), encode(["a photo of a cat"] * 2),
-                                           rng, shape=(2, 16, 16, 4), sampling=sampling, uncond=un))
-        for name, un in (("negative", encode([negative] * 2)), ("empty", None))
-    }  # fmt: skip
-    diff = np.abs(out["images"].astype(int) - want["negative"].astype(int))
-    assert diff.max() <= 1  # uint8 rounding of sharded vs single-device floats
-    assert np.abs(out["images"].astype(int) - want["empty"].astype(int)).max() > 5
-    with pytest.raises(SystemExit):
-        sample.main([*common, "--guidance=1.0", "--negative_prompt", negative])
-    assert "pass --guidance above 1" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("layout", ["ldm_jax", "msgpack", "compvis", "diffusers"])
 def test_export_imports_back_to_identical_arrays(imported, sd_file, tmp_path, layout):
     from ldm_jax import export
@@ -413,22 +382,27 @@ def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
     np.testing.assert_allclose(got, theirs, atol=1e-4)  # measured 4.2e-6
 
 
-def test_img2img_command(imported, tmp_path, capsys):
-    """--init_image/--strength: the command's images are the API's (encoding with the
-    sample key folded with 2^20), recorded with their settings; bad input is one error."""
+def test_negative_prompt_and_img2img_command(imported, tmp_path, capsys):
+    """--negative_prompt with --init_image/--strength: the command's images are the API's
+    (the negative prompt's encoding as guidance's unconditional branch; the init image
+    encoded with the sample key folded with 2^20), recorded with their settings; a
+    negative prompt changes them; bad input is one error each."""
     from PIL import Image
 
     from ldm_jax import sample
     from ldm_jax.training import outputs
     from ldm_jax.training.restore import load_run
 
+    negative = "blurry, low quality"
     picture = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "init.png")
     common = [f"--workdir={imported}", "--prompts", "a photo of a cat", "--num_per_condition=2",
-              "--steps=4", "--guidance=7.5", f"--init_image={tmp_path / 'init.png'}"]  # fmt: skip
-    out = sample.main([*common, "--strength=0.5", f"--out={tmp_path / 'i2i'}"])
+              "--steps=4", f"--init_image={tmp_path / 'init.png'}"]  # fmt: skip
+    out = sample.main([*common, "--guidance=7.5", "--strength=0.5", "--negative_prompt",
+                       negative, f"--out={tmp_path / 'i2i'}"])  # fmt: skip
     settings = json.loads((tmp_path / "i2i/samples.json").read_text())
-    assert settings["strength"] == 0.5 and settings["init_image"].endswith("init.png")
+    assert settings["negative_prompt"] == negative and settings["strength"] == 0.5
+    assert settings["init_image"].endswith("init.png")
     config, task, state, _ = load_run(imported)
     sampling = config.sampling.copy_and_resolve_references()
     sampling.update(dict(steps=4, guidance_scale=7.5))
@@ -438,14 +412,21 @@ def test_img2img_command(imported, tmp_path, capsys):
     frozen = task.frozen_params()
     z0 = task.encode_images(state, frozen, jnp.asarray(np.stack([image] * 2)),
                             jax.random.fold_in(rng, 1 << 20))  # fmt: skip
-    want = task.sample(state, frozen, task.cond.encode_prompts(["a photo of a cat"] * 2), rng,
-                       sampling=sampling, init_latents=z0, strength=0.5)  # fmt: skip
-    diff = np.abs(out["images"].astype(int) - outputs.to_uint8(want).astype(int))
+    encode = task.cond.encode_prompts
+    want = {
+        name: outputs.to_uint8(task.sample(state, frozen, encode(["a photo of a cat"] * 2), rng,
+                                           sampling=sampling, uncond=un, init_latents=z0,
+                                           strength=0.5))
+        for name, un in (("negative", encode([negative] * 2)), ("empty", None))
+    }  # fmt: skip
+    diff = np.abs(out["images"].astype(int) - want["negative"].astype(int))
     assert diff.max() <= 1  # uint8 rounding of sharded vs single-device floats
+    assert np.abs(out["images"].astype(int) - want["empty"].astype(int)).max() > 5
     for bad, message in (("--strength=0.1", "takes no step of 4"),
-                         ("--strength=1.5", r"strength must be in \(0, 1\]")):  # fmt: skip
+                         ("--strength=1.5", r"strength must be in \(0, 1\]"),
+                         ("--negative_prompt=x", "pass --guidance above 1")):  # fmt: skip
         with pytest.raises(SystemExit):
-            sample.main([*common, bad])
+            sample.main([*common, "--guidance=1.0" if "negative" in bad else "--guidance=7.5", bad])
         assert re.search(message, capsys.readouterr().err)
     with pytest.raises(SystemExit):
         sample.main([*common[:-1], f"--init_image={tmp_path / 'missing.png'}"])
