@@ -105,28 +105,17 @@ def test_import_gives_a_run_with_the_files_weights(sd_file, imported):
     assert float(state.scale_factor) == pytest.approx(0.18215)
 
 
-def _pipeline_agrees(workdir, tmp_path, tokenizer: str, negatives=(None,)) -> None:
-    """ldm_jax's sampling of `workdir` and diffusers' StableDiffusionPipeline on our
-    diffusers export give the same images from the same starting latents (DDIM, 4 steps,
-    guidance 7.5), with the empty prompt or each negative prompt as the guidance's
-    unconditional branch."""
-    torch = pytest.importorskip("torch")
+def _diffusers_pipeline(pipeline: str, workdir, tmp_path, tokenizer: str):
+    """diffusers' `pipeline` class (DDIM) on our diffusers export of `workdir`."""
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextModel
 
     from ldm_jax import export
     from ldm_jax.models import clip_tokenizer
-    from ldm_jax.training.restore import load_run
 
-    prompt = "a photo of a cat"
     folder = tmp_path / "diffusers"
     export.main([f"--workdir={workdir}", "--layout=diffusers", f"--out={folder}"])
-    config, task, state, _ = load_run(workdir)
-    noise = jax.random.normal(jax.random.PRNGKey(7), (2, 16, 16, 4))
-    inputs = task.cond.encode_prompts([prompt] * 2)
-    sampling = config.sampling.copy_and_resolve_references()
-    sampling.update(dict(steps=4, guidance_scale=7.5))
-    pipe = diffusers.StableDiffusionPipeline(
+    return getattr(diffusers, pipeline)(
         vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
         tokenizer=clip_tokenizer.clip_tokenizer(tokenizer),
@@ -134,6 +123,23 @@ def _pipeline_agrees(workdir, tmp_path, tokenizer: str, negatives=(None,)) -> No
         scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
+
+
+def _pipeline_agrees(workdir, tmp_path, tokenizer: str, negatives=(None,)) -> None:
+    """ldm_jax's sampling of `workdir` and diffusers' StableDiffusionPipeline on our
+    diffusers export give the same images from the same starting latents (DDIM, 4 steps,
+    guidance 7.5), with the empty prompt or each negative prompt as the guidance's
+    unconditional branch."""
+    torch = pytest.importorskip("torch")
+    from ldm_jax.training.restore import load_run
+
+    prompt = "a photo of a cat"
+    pipe = _diffusers_pipeline("StableDiffusionPipeline", workdir, tmp_path, tokenizer)
+    config, task, state, _ = load_run(workdir)
+    noise = jax.random.normal(jax.random.PRNGKey(7), (2, 16, 16, 4))
+    inputs = task.cond.encode_prompts([prompt] * 2)
+    sampling = config.sampling.copy_and_resolve_references()
+    sampling.update(dict(steps=4, guidance_scale=7.5))
     latents = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
     results = []
     for negative in negatives:
@@ -342,15 +348,9 @@ def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
     noised to their first timestep) equals diffusers' StableDiffusionImg2ImgPipeline given
     the same latents and noise."""
     torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    from transformers import CLIPTextModel
-
-    from ldm_jax import export
-    from ldm_jax.models import clip_tokenizer
     from ldm_jax.training.restore import load_run
 
-    folder = tmp_path / "diffusers"
-    export.main([f"--workdir={imported}", "--layout=diffusers", f"--out={folder}"])
+    pipe = _diffusers_pipeline("StableDiffusionImg2ImgPipeline", imported, tmp_path, "sd1")
     config, task, state, _ = load_run(imported)
     frozen = task.frozen_params()
     images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -364,14 +364,6 @@ def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
     ours = task.sample(state, frozen, task.cond.encode_prompts(prompt), jax.random.PRNGKey(0),
                        sampling=sampling, init_latents=z0, strength=0.6,
                        noise=jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)))  # fmt: skip
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        tokenizer=clip_tokenizer.clip_tokenizer("sd1"),
-        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
     latents = torch.from_numpy(np.asarray(z0).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         theirs = pipe(prompt, image=latents, strength=0.6, num_inference_steps=10,

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data import transforms
 from ldm_jax.errors import UserError
 
 
@@ -31,21 +32,16 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 def load_image(path, size: int) -> np.ndarray:
     """An image file -> [size, size, 3] float32 in [-1, 1]: the shorter side resized to
-    `size` (bicubic), then the centre cropped."""
+    `size`, then the centre cropped, as the data pipeline's eval images are."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"image {path} not found.")
     try:
-        img = Image.open(path).convert("RGB")
+        image = np.asarray(Image.open(path).convert("RGB"))
     except OSError as e:
         raise UserError(f"{path} is not an image PIL can read: {e}") from None
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, np.float32) / 127.5 - 1.0
+    image = transforms.resize_smaller_side(image, size)
+    return transforms.to_float(transforms.center_crop(image, size))
 
 
 def save_png(path: pathlib.Path, image: np.ndarray, upscale: int = 1) -> None:
