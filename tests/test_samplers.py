@@ -262,12 +262,19 @@ def test_unknown_sampler_lists_valid_names():
         assert name in str(err.value)
 
 
+# diffusers scheduler settings for SCHED ("scaled_linear" is LDM's sqrt-linear "linear"),
+# and those of LDM's DDIM grid (uniform + 1, ending at abar_0).
+DIFFUSERS_SCHEDULE = dict(
+    num_train_timesteps=T, beta_start=LS, beta_end=LE, beta_schedule="scaled_linear"
+)
+DIFFUSERS_LDM_GRID = dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
 def test_matches_diffusers_schedulers():
     """Same x_T, same exact model: equal to diffusers' schedulers (when installed)."""
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
-    common = dict(num_train_timesteps=T, beta_start=LS, beta_end=LE, beta_schedule="scaled_linear")
-    ldm_like = dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    common, ldm_like = DIFFUSERS_SCHEDULE, DIFFUSERS_LDM_GRID
     cases = [
         (diffusers.DDIMScheduler(**common, **ldm_like, clip_sample=False), 50, samplers.ddim, {}),
         (diffusers.PNDMScheduler(**common, **ldm_like, skip_prk_steps=True), 50, samplers.plms, {}),
@@ -320,8 +327,7 @@ def test_img2img_matches_diffusers_schedulers():
     over `timesteps[skip:]` (its img2img pipelines' loop), and the grids are diffusers'."""
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
-    common = dict(num_train_timesteps=T, beta_start=LS, beta_end=LE, beta_schedule="scaled_linear")
-    ldm_like = dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    common, ldm_like = DIFFUSERS_SCHEDULE, DIFFUSERS_LDM_GRID
     cases = [
         (diffusers.DDIMScheduler(**common, **ldm_like, clip_sample=False), 50, "ddim", {}),
         (diffusers.DPMSolverMultistepScheduler(**common), 20, "dpm_solver_pp_2m", {}),
