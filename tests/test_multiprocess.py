@@ -182,17 +182,8 @@ def _diffusion_args(data_dir, ae_workdir):
     ]
 
 
-@pytest.fixture(scope="module")
-def single_diffusion(tmp_path_factory, data_dir, tiny_autoencoder_run):
-    tmp = tmp_path_factory.mktemp("single_diffusion")
-    run_module("ldm_jax.train", f"--workdir={tmp / 'one'}",
-               *_diffusion_args(data_dir, tiny_autoencoder_run[0]),
-               f"--config.latent_cache.dir={tmp / 'cache'}")  # fmt: skip
-    return tmp / "one"
-
-
 def test_processes_train_the_diffusion_stage_like_one_device(
-    single_diffusion, data_dir, tiny_autoencoder_run, tmp_path
+    data_dir, tiny_autoencoder_run, tmp_path
 ):
     """The second stage in 2 processes x 4 devices (one example per device), its latent
     cache encoded by both and written by process 0: the single-device losses; and the
@@ -200,19 +191,16 @@ def test_processes_train_the_diffusion_stage_like_one_device(
     every batch, the last batch padded) equal the single-process ones. 4 processes x 2
     devices passed the same checks (94 s against 40 s on 2 cores); the autoencoder test
     above keeps 4 processes in the suite."""
-    processes = 2
-    many = tmp_path / "many"
-    proc = run_launched(processes, 4, "ldm_jax.train", f"--workdir={many}",
-                        *_diffusion_args(data_dir, tiny_autoencoder_run[0]),
-                        f"--config.latent_cache.dir={tmp_path / 'cache'}")  # fmt: skip
-    ranks = range(processes)
-    assert all(f"[{r}] done: step 3" in proc.stdout for r in ranks), proc.stdout
-    a, b = _losses(single_diffusion), _losses(many)
+    args = _diffusion_args(data_dir, tiny_autoencoder_run[0])
+    one, many = tmp_path / "one", tmp_path / "many"
+    run_module("ldm_jax.train", f"--workdir={one}", *args,
+               f"--config.latent_cache.dir={tmp_path / 'cache1'}")  # fmt: skip
+    proc = run_launched(2, 4, "ldm_jax.train", f"--workdir={many}", *args,
+                        f"--config.latent_cache.dir={tmp_path / 'cache2'}")  # fmt: skip
+    assert all(f"[{r}] done: step 3" in proc.stdout for r in range(2)), proc.stdout
+    a, b = _losses(one), _losses(many)
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
-    a, b = (
-        json.loads((w / "eval" / "train_step0000003.json").read_text())
-        for w in (single_diffusion, many)
-    )
+    a, b = (json.loads((w / "eval" / "train_step0000003.json").read_text()) for w in (one, many))
     assert a["settings"]["num_samples"] == 12
     assert a["results"]["accuracy"] == b["results"]["accuracy"]
     np.testing.assert_allclose(b["results"]["digits_is"], a["results"]["digits_is"], rtol=1e-4)
