@@ -296,6 +296,34 @@ def test_sd2_style_single_file(tmp_path):
     expected_text = {k: v for k, v in text.items() if k != "layers_2"}  # the skipped block
     assert _same(task.cond.frozen_params()["text_encoder"], expected_text)
     _pipeline_agrees(workdir, tmp_path, "sd2")
+    # The export's tokenizer/ is transformers' own save_pretrained (pad token in
+    # tokenizer_config.json, no special_tokens_map.json): imported back, it pads as SD 2.
+    folder = tmp_path / "diffusers"
+    assert not (folder / "tokenizer/special_tokens_map.json").exists()
+    assert json.loads((folder / "tokenizer/tokenizer_config.json").read_text())["pad_token"] == "!"
+    again = tmp_path / "again"
+    import_sd.main([f"--diffusers={folder}", f"--workdir={again / 'run'}", "--image_size=32"])
+    assert load_run(again / "run")[0].cond.tokenizer == "sd2"
+    _pipeline_agrees(again / "run", again, "sd2")
+
+
+def test_tokenizer_padding_of_a_diffusers_folder(tmp_path):
+    """The pad token from tokenizer_config.json (current transformers), overridden by an
+    older folder's special_tokens_map.json, CLIP's default without either; others refused."""
+    from ldm_jax.models import clip_tokenizer
+
+    for variant in ("sd1", "sd2"):
+        clip_tokenizer.clip_tokenizer(variant).save_pretrained(tmp_path / variant)
+        assert sd.tokenizer_padding(tmp_path / variant) == variant
+    (tmp_path / "sd1/special_tokens_map.json").write_text(
+        json.dumps({"pad_token": {"content": "!", "lstrip": False}})
+    )
+    assert sd.tokenizer_padding(tmp_path / "sd1") == "sd2"
+    assert sd.tokenizer_padding(tmp_path / "missing") == "sd1"
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd/tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.raises(UserError, match="pad token '<pad>'"):
+        sd.tokenizer_padding(tmp_path / "odd")
 
 
 def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):

@@ -244,12 +244,7 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
         raise UserError(
             f"prediction_type {sched['prediction_type']!r}: use epsilon or v_prediction"
         )
-    pad = "sd1"
-    special = root / "tokenizer" / "special_tokens_map.json"
-    if special.is_file():
-        token = json.loads(special.read_text()).get("pad_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        pad = "sd2" if token == "!" else "sd1"
+    pad = tokenizer_padding(root / "tokenizer")
     unet = unet_weights.unet_from_diffusers(
         tensor_files.load_state_dict(_weights_in(root / "unet")), _unet_model(unet_cfg)
     )
@@ -274,6 +269,28 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
         schedule=schedule, scale_factor=float(vae_json.get("scaling_factor", SCALE_FACTOR)),
         image_size=int(image_size or unet_cfg.get("image_size", 64) * factor), source=str(root),
     )  # fmt: skip
+
+
+def tokenizer_padding(folder: pathlib.Path) -> str:
+    """'sd1' or 'sd2': the CLIP padding of a diffusers `tokenizer/` folder. The pad token
+    sits in `tokenizer_config.json` (what current transformers writes) and, in older
+    folders, in `special_tokens_map.json`, which overrides it as transformers' loader
+    does; neither file (or no pad token) means CLIP's default, <|endoftext|>."""
+    from ldm_jax.models import clip_tokenizer
+
+    token = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            value = _read_json(path).get("pad_token")
+            token = (value.get("content") if isinstance(value, dict) else value) or token
+    variants = {pad: variant for variant, pad in clip_tokenizer.PAD_TOKENS.items()}
+    if token is not None and token not in variants:
+        raise UserError(
+            f"{folder}: pad token {token!r} is neither SD 1's {clip_tokenizer.EOS!r} nor SD 2's "
+            "'!'; ldm_jax imports those two CLIP paddings only."
+        )
+    return variants.get(token, "sd1")
 
 
 # ----- an ldm_jax run ---------------------------------------------------------------------
@@ -520,10 +537,9 @@ def export_run(workdir, layout: str, out, step: int = -1) -> pathlib.Path:
             dict(config.cond.clip)
         ),
         "scheduler/scheduler_config.json": sched,
-        "tokenizer/special_tokens_map.json": {
-            "pad_token": "!" if config.cond.get("tokenizer", "sd1") == "sd2" else "<|endoftext|>"
-        },
     }
+    # Vocabulary, merges and pad token, as transformers itself writes a tokenizer folder.
+    task.cond.tokenizer.save_pretrained(out / "tokenizer")
     for name, content in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
