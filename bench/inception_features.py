@@ -18,7 +18,7 @@ import numpy as np
 
 from ldm_jax import runtime
 from ldm_jax.evaluation import fid
-from ldm_jax.models import inception
+from ldm_jax.interop import inception_weights
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     runtime.setup()
-    features = fid.feature_fn(inception.load_fid_params())
+    features = fid.feature_fn(inception_weights.load_fid_params())
     x = np.random.default_rng(0).integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)
     t = time.perf_counter()
     jax.block_until_ready(features(x))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from ldm_jax.evaluation import runner
+from ldm_jax.evaluation import settings as eval_settings
 from ldm_jax.parallel import distributed
 
 
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # Sample metrics during training (FID, IS, precision/recall, ...): see
     # ldm_jax.evaluation.runner; off unless `every` > 0 and `metrics` are named.
-    c.evaluation = runner.default_config()
+    c.evaluation = eval_settings.default_config()
     return c
 
 

@@ -26,44 +26,48 @@ import argparse
 import json
 import pathlib
 
-from ldm_jax.evaluation.runner import AUTOENCODER_METRICS, DIFFUSION_METRICS
-
-# command-line flag -> `config.evaluation` field (see ldm_jax.evaluation.runner)
+# Flags that set `config.evaluation` fields (ldm_jax.evaluation.settings) of the same name,
+# their defaults taken from there; --guidance sets `guidance`.
 _SETTINGS = (
     "num_samples", "num_reference", "split", "sampler", "steps", "guidance", "seed",
     "batch_size", "resize", "inception", "inception_cache", "download_inception",
     "stats_dir", "is_splits", "pr_k",
 )  # fmt: skip
+_HELP = {
+    "num_reference": "reference images (default: the whole split)",
+    "split": "reference split (default: train) / autoencoder split (default: eval split)",
+    "sampler": "ddpm, ddim, plms, dpm_solver_pp_2m (default: the run's)",
+    "guidance": "classifier-free guidance scale (default: the run's)",
+    "batch_size": "global batch (default: the multiple of the mesh's batch shards <= 64)",
+    "resize": "tf1_bilinear or torch_bilinear",
+    "inception": "Inception weights file (.pth or .pt)",
+    "download_inception": "fetch pytorch-fid's weights into --inception_cache if missing",
+    "pr_k": "k of the k-NN precision/recall",
+}
+
+
+def _add_setting_flags(p, defaults) -> None:
+    for key in _SETTINGS:
+        field = defaults.get_ref(key)
+        kind, default = field.get_type(), field.get()
+        if kind is bool:
+            p.add_argument(f"--{key}", action="store_true", help=_HELP.get(key))
+        else:
+            p.add_argument(f"--{key}", type=kind, default=default, help=_HELP.get(key))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ldm_jax.evaluation import metrics, settings
+    from ldm_jax.runtime import CommandParser
+
+    p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--metric", action="append", required=True,
-                   choices=DIFFUSION_METRICS + AUTOENCODER_METRICS)  # fmt: skip
-    p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--num_reference", type=int, default=None, help="reference images (all)")
+                   choices=metrics.names("diffusion") + metrics.names("autoencoder"))  # fmt: skip
     p.add_argument("--dataset", default=None, help="TFDS name (default: the run's)")
     p.add_argument("--data_dir", default=None)
-    p.add_argument(
-        "--split", default=None,
-        help="reference split (default: train) / autoencoder split (default: eval split)",
-    )  # fmt: skip
-    p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="global batch (default: the multiple of the mesh's batch shards <= 64)")  # fmt: skip
-    p.add_argument("--resize", default="tf1_bilinear", help="tf1_bilinear or torch_bilinear")
-    p.add_argument("--inception", default=None, help="Inception weights file (.pth or .pt)")
-    p.add_argument("--inception_cache", default="~/.cache/ldm_jax/inception")
-    p.add_argument("--download_inception", action="store_true",
-                   help="fetch pytorch-fid's weights into --inception_cache if missing")  # fmt: skip
-    p.add_argument("--stats_dir", default="~/.cache/ldm_jax/fid_stats")
-    p.add_argument("--is_splits", type=int, default=10)
-    p.add_argument("--pr_k", type=int, default=3, help="k of the k-NN precision/recall")
+    _add_setting_flags(p, settings.default_config())
     p.add_argument("--out", default=None, help="report path (default: <workdir>/eval/...)")
     return p
 
@@ -71,30 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import jax
 
-    from ldm_jax.evaluation import runner
+    from ldm_jax.evaluation import metrics, runner, settings
     from ldm_jax.parallel import distributed
-    from ldm_jax.parallel import mesh as mesh_lib
-    from ldm_jax.training.restore import load_run
+    from ldm_jax.training.restore import open_run
 
     distributed.initialize()
 
     def overrides(config):
-        runner.check_metrics(config.stage, args.metric)
+        metrics.check_metrics(config.stage, args.metric)
         with config.unlocked():
             if args.dataset:
                 config.data.name = args.dataset
             if args.data_dir:
                 config.data.data_dir = args.data_dir
 
-    config, task, state, step = load_run(args.workdir, args.step, overrides=overrides, sharded=True)
-    settings = runner.default_config()
-    settings.metrics = tuple(sorted(set(args.metric)))
+    restored = open_run(args.workdir, args.step, overrides=overrides)
+    config, step = restored.config, restored.step
+    eval_settings = settings.default_config()
+    eval_settings.metrics = tuple(sorted(set(args.metric)))
     for key in _SETTINGS:
-        settings[key] = getattr(args, key)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        frozen = jax.device_put(jax.device_get(task.frozen_params()), mesh_lib.replicated(mesh))
-        results, details = runner.Evaluator(config, task, mesh, settings)(state, frozen)
+        eval_settings[key] = getattr(args, key)
+    with jax.set_mesh(restored.mesh_run.mesh):
+        evaluator = runner.Evaluator(config, restored.task, restored.mesh_run, eval_settings)
+        results, details = evaluator(restored.state)
     report = {
         "workdir": str(pathlib.Path(args.workdir).absolute()),
         "step": step,
@@ -102,9 +105,8 @@ def run(args) -> dict:
         **details,
         "results": results,
     }
-    out = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(args.workdir) / "eval" / f"{'_'.join(settings.metrics)}_step{step}.json"
-    )  # fmt: skip
+    name = f"{'_'.join(eval_settings.metrics)}_step{step}.json"
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / name
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -114,10 +116,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
     from ldm_jax import runtime
 
-    return runtime.run_command(run, args)
+    return runtime.run_command(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

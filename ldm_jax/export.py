@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from ldm_jax.interop.stable_diffusion import EXPORT_LAYOUTS
+from ldm_jax.training.sd_runs import EXPORT_LAYOUTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from ldm_jax.interop import stable_diffusion as sd
+    from ldm_jax.training import sd_runs
 
-    out = sd.export_run(args.workdir, args.layout, args.out, step=args.step)
+    out = sd_runs.export_run(args.workdir, args.layout, args.out, step=args.step)
     print(f"exported {args.workdir} ({args.layout}) to {out}")
     return str(out)
 

@@ -8,8 +8,9 @@
     python -m ldm_jax.import_sd --diffusers path/to/stable-diffusion-v1-5 --workdir runs/sd15
 
 then `python -m ldm_jax.sample --workdir runs/sd15 --prompts "..."`. The run holds the
-UNet at step 0 (EMA = weights), the VAE as its first stage and the CLIP text encoder; see
-ldm_jax.interop.stable_diffusion. Nothing existing is overwritten.
+UNet at step 0 (EMA = weights), the VAE as its first stage and the CLIP text encoder: the
+release is read by ldm_jax.interop.stable_diffusion and written as a run by
+ldm_jax.training.sd_runs. Nothing existing is overwritten.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> str:
     from ldm_jax.interop import stable_diffusion as sd
+    from ldm_jax.training import sd_runs
 
     if args.checkpoint:
         model = sd.from_single_file(
@@ -40,7 +42,7 @@ def run(args) -> str:
         )  # fmt: skip
     else:
         model = sd.from_diffusers(args.diffusers, image_size=args.image_size)
-    workdir = sd.write_run(model, args.workdir)
+    workdir = sd_runs.write_run(model, args.workdir)
     print(
         f"imported {model.source} ({model.tokenizer.upper()}-style, {model.parameterization}, "
         f"{model.image_size} px) into {workdir}"

@@ -11,7 +11,6 @@ mesh it restored onto. In a multi-process job run it on every process (launch/lo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 
@@ -35,6 +34,7 @@ def digest(state) -> tuple[str, int, int]:
 def run(args) -> dict:
     import jax
 
+    from ldm_jax.errors import UserError
     from ldm_jax.parallel import distributed
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training.restore import load_run
@@ -43,7 +43,16 @@ def run(args) -> dict:
 
     def overrides(config):
         if args.mesh:
-            sizes = [int(v) for v in args.mesh.split(",")]
+            try:
+                sizes = [int(v) for v in args.mesh.split(",")]
+            except ValueError:
+                raise UserError(
+                    f"--mesh {args.mesh!r}: give data,fsdp,tensor sizes, e.g. 1,8,1"
+                ) from None
+            if len(sizes) != len(mesh_lib.MESH_AXES):
+                raise UserError(
+                    f"--mesh {args.mesh!r}: give 3 sizes (data,fsdp,tensor), e.g. 1,8,1"
+                )
             config.mesh.update(dict(zip(mesh_lib.MESH_AXES, sizes)))
 
     _, _, state, step = load_run(args.workdir, args.step, overrides=overrides, sharded=True)
@@ -63,14 +72,13 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ldm_jax import runtime
+
+    p = runtime.CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=-1, help="-1: the latest")
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: the run's)")
-    args = p.parse_args(argv)
-    from ldm_jax import runtime
-
-    return runtime.run_command(run, args)
+    return runtime.run_command(run, p, argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,14 @@ import pathlib
 
 import numpy as np
 
+from ldm_jax.data import images as images_lib
+from ldm_jax.errors import UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ldm_jax.runtime import CommandParser
+
+    p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a diffusion run's workdir")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--labels", default=None, help="comma-separated class ids")
@@ -54,128 +59,144 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _init_distributed() -> None:
-    from ldm_jax.parallel import distributed
-
-    distributed.initialize()
-
-
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
     from ldm_jax import runtime
 
-    return runtime.run_command(run, args)
+    return runtime.run_command(run, build_parser(), argv)
+
+
+def _overrides(args):
+    """The command's sampling flags written into the run's config before the task is built."""
+
+    def apply(config):
+        from ldm_jax.diffusion.samplers import get_sampler
+
+        sampling = config.sampling
+        for key, value in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)):
+            if value is not None:
+                sampling[key] = value
+        if args.guidance is not None:
+            sampling.guidance_scale = args.guidance
+        try:
+            get_sampler(sampling.sampler)
+        except ValueError as e:
+            raise UserError(f"--sampler: {e}") from None
+        if sampling.sampler != "ddpm" and int(sampling.steps) < 1:
+            raise UserError(f"--steps {sampling.steps}: sample with at least 1 step.")
+
+    return apply
+
+
+def _conditions(args, task) -> list:
+    """The conditions to sample, one row each: --labels or --prompts as the run needs."""
+    if task.cond.kind == "class":
+        if args.labels is None:
+            raise UserError(
+                "this is a class-conditional run: pass --labels (ids in "
+                f"[0, {task.cond.n_classes - 1}])."
+            )
+        return [task.cond.parse(v.strip()) for v in args.labels.split(",")]
+    if task.cond.is_text:
+        if not args.prompts:
+            raise UserError('this is a text-conditional run: pass --prompts "...".')
+        return list(args.prompts)
+    return [None]
+
+
+def _negative_inputs(args, task, sampling, n: int):
+    if args.negative_prompt is None:
+        return None
+    if not task.cond.is_text:
+        raise UserError(
+            f"--negative_prompt needs a text-conditional run; this one is {task.cond.kind!r}."
+        )
+    if sampling.guidance_scale == 1.0:
+        raise UserError("--negative_prompt acts through guidance: pass --guidance above 1.")
+    return task.cond.inputs([args.negative_prompt] * n)
+
+
+def _init_images(args, task, sampling, size: int, n: int):
+    """Image-to-image: the --init_image repeated n times, or None."""
+    if args.init_image is None:
+        return None
+    if task.concat:
+        raise UserError("--init_image is for runs without a dense (concat) condition.")
+    try:
+        task.img2img_start(args.strength, sampling)  # a bad strength fails before any work
+    except ValueError as e:
+        raise UserError(f"--strength: {e}") from None
+    image = images_lib.load_image(args.init_image, size * task.first_stage.factor)
+    return np.repeat(image[None], n, axis=0)
+
+
+def _draw_fn(task, mesh_run, shape, strength):
+    """A jitted (state, frozen, inputs, uncond, init images, rng) -> images on the mesh."""
+    import jax
+
+    # Each device draws all of them when n does not split over the batch shards.
+    split = shape[0] % mesh_run.batch_shards == 0
+    out_sharding = mesh_run.batch_sharding if split else mesh_run.replicated
+
+    def draw(state, frozen, inputs, uncond, init, rng):
+        init_latents = None
+        if init is not None:  # encode with its own key: the sampler's stays as without
+            init_latents = task.encode_images(state, frozen, init, jax.random.fold_in(rng, 1 << 20))
+        return task.sample(state, frozen, inputs, rng, shape=shape, uncond=uncond,
+                           init_latents=init_latents, strength=strength)  # fmt: skip
+
+    return jax.jit(draw, out_shardings=out_sharding)
 
 
 def run(args) -> dict:
     import jax
-    from jax.experimental import multihost_utils
 
-    from ldm_jax.diffusion.samplers import get_sampler
-    from ldm_jax.errors import UserError
-    from ldm_jax.parallel import mesh as mesh_lib
-    from ldm_jax.training import outputs
-    from ldm_jax.training.restore import load_run
+    from ldm_jax.parallel import distributed
+    from ldm_jax.training.restore import open_run
 
-    _init_distributed()
+    if args.num_per_condition < 1:
+        raise UserError(f"--num_per_condition {args.num_per_condition}: draw at least 1.")
+    distributed.initialize()
     workdir = pathlib.Path(args.workdir).absolute()
-
-    def overrides(config):
-        sc = config.sampling
-        for key, value in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)):
-            if value is not None:
-                sc[key] = value
-        if args.guidance is not None:
-            sc.guidance_scale = args.guidance
-        get_sampler(sc.sampler)  # unknown name -> error listing the valid ones
-
-    config, task, state, step = load_run(workdir, args.step, "diffusion", overrides, sharded=True)
-    sc = config.sampling
-    mesh = mesh_lib.make_mesh(config.mesh)  # the state's mesh (FSDP-sharded weights)
-
-    n = args.num_per_condition
-    labels = None
-    if task.cond.kind == "class":
-        if args.labels is None:
-            raise UserError(
-                f"this is a class-conditional run: pass --labels (ids in [0, {task.cond.n_classes - 1}])."
-            )
-        conds = [int(v) for v in args.labels.split(",")]
-        inputs_per = [task.cond.labels_inputs([c] * n) for c in conds]
-        labels = np.repeat(np.asarray(conds), n)
-    elif task.cond.is_text:
-        if not args.prompts:
-            raise UserError('this is a text-conditional run: pass --prompts "...".')
-        conds = list(args.prompts)
-        inputs_per = [task.cond.encode_prompts([p] * n) for p in conds]
-    else:
-        conds, inputs_per = [None], [{}]
-    uncond = None
-    if args.negative_prompt is not None:
-        if not task.cond.is_text:
-            raise UserError(
-                f"--negative_prompt needs a text-conditional run; this one is {task.cond.kind!r}."
-            )
-        if sc.guidance_scale == 1.0:
-            raise UserError("--negative_prompt acts through guidance: pass --guidance above 1.")
-        uncond = task.cond.encode_prompts([args.negative_prompt] * n)
-    s = args.latent_size or task.latent_size
-    shape = (n, s, s, task.first_stage.latent_channels)
-    init, strength = None, None
-    if args.init_image is not None:
-        if task.concat:
-            raise UserError("--init_image is for runs without a dense (concat) condition.")
-        try:
-            task.img2img_start(args.strength, sc)  # a bad strength fails before any work
-        except ValueError as e:
-            raise UserError(f"--strength: {e}") from None
-        image = outputs.load_image(args.init_image, s * task.first_stage.factor)
-        init, strength = np.repeat(image[None], n, axis=0), args.strength
-    split = n % mesh_lib.batch_size_per_shard(mesh) == 0  # else each device draws them all
-    out_sharding = mesh_lib.batch_sharding(mesh) if split else mesh_lib.replicated(mesh)
-    rows = []
-    with jax.set_mesh(mesh):
-        frozen = jax.device_put(jax.device_get(task.frozen_params()), mesh_lib.replicated(mesh))
-
-        def draw(st, fr, inp, un, init, r):
-            init_latents = None
-            if init is not None:  # encode with its own key: the sampler's stays as without
-                init_latents = task.encode_images(st, fr, init, jax.random.fold_in(r, 1 << 20))
-            return task.sample(st, fr, inp, r, shape=shape, uncond=un,
-                               init_latents=init_latents, strength=strength)  # fmt: skip
-
-        fn = jax.jit(draw, out_shardings=out_sharding)
-        for i, inputs in enumerate(inputs_per):
+    restored = open_run(workdir, args.step, "diffusion", _overrides(args))
+    task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
+    conds = _conditions(args, task)
+    uncond = _negative_inputs(args, task, sampling, n)
+    size = args.latent_size or task.latent_size
+    init = _init_images(args, task, sampling, size, n)
+    shape = (n, size, size, task.first_stage.latent_channels)
+    strength = args.strength if init is not None else None
+    rows, mesh_run = [], restored.mesh_run
+    with jax.set_mesh(mesh_run.mesh):
+        draw = _draw_fn(task, mesh_run, shape, strength)
+        for i, cond in enumerate(conds):
             rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-            images = fn(state, frozen, inputs, uncond, init, rng)
-            images = multihost_utils.process_allgather(images, tiled=True)
-            rows.append(outputs.to_uint8(images))
+            inputs = task.cond.inputs([cond] * n)
+            images = draw(restored.state, mesh_run.frozen, inputs, uncond, init, rng)
+            rows.append(images_lib.to_uint8(mesh_run.all_rows(images)))
+    labels = np.repeat(np.asarray(conds), n) if task.cond.kind == "class" else None
     if jax.process_index() != 0:
         return {"images": np.concatenate(rows), "labels": labels, "out": None}
+    settings = {
+        "workdir": str(workdir), "step": restored.step, "sampler": sampling.sampler,
+        "steps": sampling.steps, "guidance_scale": sampling.guidance_scale, "seed": args.seed,
+        "conditions": conds, "negative_prompt": args.negative_prompt,
+        "init_image": args.init_image, "strength": strength, "num_per_condition": n,
+    }  # fmt: skip
     out = pathlib.Path(args.out) if args.out else workdir / "samples"
+    return _write(out, rows, labels, settings)
+
+
+def _write(out: pathlib.Path, rows: list, labels, settings: dict) -> dict:
+    """samples.npz, samples.png (a row per condition) and samples.json in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     images = np.concatenate(rows)
     arrays = {"images": images}
     if labels is not None:
         arrays["labels"] = labels.astype(np.int64)
     np.savez(out / "samples.npz", **arrays)
-    outputs.save_png(
-        out / "samples.png", outputs.image_grid(rows), upscale=max(1, 128 // images.shape[1])
-    )
-    settings = {
-        "workdir": str(workdir),
-        "step": step,
-        "sampler": sc.sampler,
-        "steps": sc.steps,
-        "guidance_scale": sc.guidance_scale,
-        "seed": args.seed,
-        "conditions": conds,
-        "negative_prompt": args.negative_prompt,
-        "init_image": args.init_image,
-        "strength": strength,
-        "num_per_condition": n,
-    }
-    (out / "samples.json").write_text(json.dumps(settings, indent=2) + "\n")
+    upscale = max(1, 128 // images.shape[1])
+    images_lib.save_png(out / "samples.png", images_lib.image_grid(rows), upscale=upscale)
+    (out / "samples.json").write_text(json.dumps(settings, indent=2, default=int) + "\n")
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'} ({len(images)} images)")
     return {"images": images, "labels": labels, "out": str(out)}
 

@@ -66,15 +66,16 @@ def pytorch_fid_weights(tmp_path_factory):
     import numpy as np
     import torch
 
+    from ldm_jax.interop import inception_weights
     from ldm_jax.models import inception
 
-    params = inception.load_fid_params(inception.packaged_torchscript())
+    params = inception_weights.load_fid_params(inception.packaged_torchscript())
     rng = np.random.default_rng(0)
     params[inception.LOGITS] = {
         "kernel": rng.normal(0.0, 0.05, (2048, 1008)).astype(np.float32),
         "bias": rng.normal(0.0, 0.1, (1008,)).astype(np.float32),
     }
-    state = inception.pytorch_fid_state_from_params(params)
+    state = inception_weights.pytorch_fid_state_from_params(params)
     path = tmp_path_factory.mktemp("inception") / inception.PYTORCH_FID_FILE
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
     return path, params

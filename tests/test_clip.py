@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from ldm_jax.errors import UserError
-from ldm_jax.models import clip, clip_tokenizer
-from ldm_jax.models.clip import (
-    CLIPTextEncoder,
+from ldm_jax.interop.clip_weights import (
     clip_from_hf_config,
     convert_hf_clip,
     convert_open_clip,
     export_hf_clip,
 )
+from ldm_jax.models import clip, clip_tokenizer
+from ldm_jax.models.clip import CLIPTextEncoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models import conditioning, tokenizers
+from ldm_jax.interop import bert_weights
+from ldm_jax.interop.bert_weights import convert_bert_state_dict, load_minilm
+from ldm_jax.models import tokenizers
 from ldm_jax.models.conditioning import (
     ClassEmbedder,
     TransformerEncoder,
     check_class_ids,
-    convert_bert_state_dict,
-    load_minilm,
     mean_pooled,
 )
 from ldm_jax.models.tokenizers import bert_tokenizer, minilm_dir, tokenize
@@ -212,7 +212,7 @@ def test_corrupted_shape_names_tensor(tmp_path):
 
     src = minilm_dir()
     state = load_file(str(src / "model.safetensors"))
-    module = conditioning.bert_from_config(json.loads((src / "config.json").read_text()))
+    module = bert_weights.bert_from_config(json.loads((src / "config.json").read_text()))
     bad = "encoder.layer.3.attention.self.key.weight"
     state[bad] = state[bad][:, :383]
     msg = rf"'{bad}' has shape \(384, 383\) but the model expects \(384, 384\)"

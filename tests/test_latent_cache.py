@@ -32,8 +32,8 @@ def _config(ae_workdir, data_dir, cache, **overrides):
 def _build(config, workdir):
     trainer = Trainer(config, workdir)
     with jax.set_mesh(trainer.mesh):
-        trainer.frozen = jax.device_put(trainer.task.frozen_params(), trainer.replicated)
-        return trainer, trainer.task.train_source(trainer._encode_on_mesh)
+        trainer.mesh_run.place_frozen(trainer.task.frozen_params())
+        return trainer, trainer.task.train_source(trainer.mesh_run)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from ldm_jax.errors import UserError
+from ldm_jax.interop import clip_weights, tensor_files, unet_weights, vae_weights
 from ldm_jax.interop import stable_diffusion as sd
-from ldm_jax.interop import tensor_files, unet_weights, vae_weights
 from ldm_jax.models import autoencoder, clip, unet_configs
+from ldm_jax.training import sd_runs
 
 # Tiny but SD-1-shaped: GroupNorm(32) everywhere as in CompVis, 64-wide CLIP heads, the
 # real CLIP vocabulary (the tokenizer's ids), 32 px images -> 16x16x4 latents.
@@ -60,7 +61,7 @@ def sd_file(tmp_path_factory):
     }  # fmt: skip
     tensors = unet_weights.unet_to_compvis(params["unet"], unet_model, prefix=sd.UNET_PREFIX)
     tensors |= vae_weights.vae_to_compvis(params["vae"], vae_model, prefix=sd.VAE_PREFIX)
-    tensors |= clip.export_hf_clip(params["clip"], prefix=sd.SD1_CLIP_PREFIX)
+    tensors |= clip_weights.export_hf_clip(params["clip"], prefix=sd.SD1_CLIP_PREFIX)
     tensors["model_ema.decay"] = np.float32(0.9999)  # unrelated keys are ignored
     path = tmp / "tiny-sd1.safetensors"
     tensor_files.save_safetensors(path, tensors)
@@ -195,7 +196,7 @@ def test_export_imports_back_to_identical_arrays(imported, sd_file, tmp_path, la
 def test_bad_inputs_are_clear_errors(sd_file, imported, tmp_path):
     path, yaml_path, _ = sd_file
     with pytest.raises(UserError, match="exists: import into a new --workdir"):
-        sd.write_run(sd.from_single_file(path, original_config=yaml_path), imported)
+        sd_runs.write_run(sd.from_single_file(path, original_config=yaml_path), imported)
     only_unet = tmp_path / "unet-only.safetensors"
     tensor_files.save_safetensors(only_unet, tensor_files.load_safetensors(path, sd.UNET_PREFIX))
     with pytest.raises(UserError, match="no SD text encoder"):
@@ -272,7 +273,7 @@ def test_sd2_style_single_file(tmp_path):
     text = _noisy(full_clip.init(r, jnp.zeros((1, 77), jnp.int32))["params"], 6)
     tensors = unet_weights.unet_to_compvis(unet, unet_model, prefix=sd.UNET_PREFIX)
     tensors |= vae_weights.vae_to_compvis(vae, vae_model, prefix=sd.VAE_PREFIX)
-    tensors |= _open_clip_names(clip.export_hf_clip(text), sd.SD2_CLIP_PREFIX)
+    tensors |= _open_clip_names(clip_weights.export_hf_clip(text), sd.SD2_CLIP_PREFIX)
     path = tmp_path / "tiny-sd2.safetensors"
     tensor_files.save_safetensors(path, tensors)
     with pytest.raises(UserError, match="--parameterization eps or v"):

@@ -114,7 +114,7 @@ def _features(source: Source, label_key, caption_key, shape) -> tfds.features.Fe
     return tfds.features.FeaturesDict(feats)
 
 
-def _encoded_batches(config, encode_fn, global_batch, total: int):
+def _encoded_batches(config, encode_fn, mesh_run, total: int):
     """Yields (global index of the first row, codes [n, h, w, k] numpy) on every process;
     the codes of all processes are gathered and the last batch's padding dropped (the
     eval batches hold examples in order, so n follows from `total`)."""
@@ -126,18 +126,18 @@ def _encoded_batches(config, encode_fn, global_batch, total: int):
     for local in pipeline.eval_batches(
         data_cfg, global_batch_size=batch_size, split=config.data.train_split
     ):
-        codes = encode_fn(global_batch({"image": local["image"]})["image"])
-        codes = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+        codes = mesh_run.all_rows(encode_fn(mesh_run.to_global({"image": local["image"]})["image"]))
         n = min(batch_size, total - start)
         yield start, codes[:n]
         start += n
 
 
-def build(config, first_stage, encode_fn, global_batch) -> Source:
+def build(config, first_stage, encode_fn, mesh_run) -> Source:
     """Opens the cache for this run, encoding and writing it first if missing.
 
-    encode_fn: jitted images -> codes on the mesh; global_batch: dict of process-local
-    numpy -> dict of global arrays sharded over the batch axes. Call on every process.
+    encode_fn: jitted batch-sharded images -> codes on the mesh; mesh_run: the run's
+    `parallel.mesh_run.MeshRun` (host rows to global arrays and back). Call on every
+    process.
     """
     check_cacheable(config)
     root = cache_dir(config, first_stage)
@@ -155,15 +155,13 @@ def build(config, first_stage, encode_fn, global_batch) -> Source:
             )
     builder_kw = dict(data_dir=str(root), file_format="array_record")
     if not LatentCacheBuilder(**builder_kw).is_prepared():
-        _write(config, first_stage, encode_fn, global_batch, root, expected, builder_kw)
-    builder = read_only_builder.builder_from_directory(
-        LatentCacheBuilder(**builder_kw).data_dir
-    )
+        _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw)
+    builder = read_only_builder.builder_from_directory(LatentCacheBuilder(**builder_kw).data_dir)
     split = config.data.train_split
     return Source("latent_cache", split, str(root), builder, builder.as_data_source(split=split))
 
 
-def _write(config, first_stage, encode_fn, global_batch, root, expected, builder_kw):
+def _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw):
     is_lead = jax.process_index() == 0
     d = config.data
     raw = open_source(d.name, d.train_split, d.data_dir)
@@ -171,7 +169,7 @@ def _write(config, first_stage, encode_fn, global_batch, root, expected, builder
     caption_key = d.caption_key if d.caption_key and raw.has_feature(d.caption_key) else None
     s = d.image_size // first_stage.factor
     shape = (s, s, first_stage.code_channels)
-    batches = _encoded_batches(config, encode_fn, global_batch, len(raw))
+    batches = _encoded_batches(config, encode_fn, mesh_run, len(raw))
     if is_lead:
         print(f"latent cache: encoding {len(raw)} examples of {d.name}/{d.train_split} -> {root}")
 
@@ -184,9 +182,9 @@ def _write(config, first_stage, encode_fn, global_batch, root, expected, builder
                     if label_key:
                         out["label"] = int(pipeline.lookup(example, label_key))
                     if caption_key:
-                        out["caption"] = [str(c) for c in np.ravel(
-                            pipeline.lookup(example, caption_key)
-                        )]
+                        out["caption"] = [
+                            str(c) for c in np.ravel(pipeline.lookup(example, caption_key))
+                        ]
                     yield i, out
 
         root.mkdir(parents=True, exist_ok=True)

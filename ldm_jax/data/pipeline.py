@@ -94,7 +94,9 @@ class _Reader:
         # A latent cache (ldm_jax.data.latent_cache) holds first-stage codes, not images.
         self.latent = source.has_feature("latent")
         if self.latent:
-            s = self.s = SimpleNamespace(**{**vars(s), "label_key": "label", "caption_key": "caption"})
+            s = self.s = SimpleNamespace(
+                **{**vars(s), "label_key": "label", "caption_key": "caption"}
+            )
         elif not source.has_feature(s.image_key):
             raise UserError(
                 f"Dataset '{source.name}' has no feature '{s.image_key}' (features: "
@@ -253,12 +255,18 @@ class TrainIterator:
         self._next_batch += 1
         return batch
 
+    @staticmethod
+    def _state(next_batch: int, seed: int, global_batch_size: int) -> dict:
+        return {"next_batch": next_batch, "seed": seed, "global_batch_size": global_batch_size}
+
+    @staticmethod
+    def initial_state(seed: int, global_batch_size: int) -> dict:
+        """The state of an iterator that has given no batch yet: what a run written at
+        step 0 without training (an imported one) stores for its data."""
+        return TrainIterator._state(0, seed, global_batch_size)
+
     def get_state(self) -> dict:
-        return {
-            "next_batch": self._next_batch,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-        }
+        return self._state(self._next_batch, self.seed, self.global_batch_size)
 
     def set_state(self, state: dict) -> None:
         # A stream that has not begun (an imported run at step 0) has no order to continue.

@@ -345,3 +345,20 @@ def get_sampler(name: str) -> Callable:
         raise ValueError(
             f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}"
         ) from None
+
+
+def options(sampling) -> dict:
+    """The keyword options sampler `sampling.sampler` takes from a sampling config: the
+    step count for all but DDPM (which runs every training timestep), eta for DDIM."""
+    opts = {}
+    if sampling.sampler != "ddpm":
+        opts["num_steps"] = int(sampling.steps)
+    if sampling.sampler == "ddim":
+        opts["eta"] = float(sampling.eta)
+    return opts
+
+
+def sampling_grid(sampling, num_timesteps: int) -> np.ndarray:
+    """The timestep grid a sampling config runs (see `timesteps`)."""
+    opts = {k: v for k, v in options(sampling).items() if k != "eta"}
+    return timesteps(sampling.sampler, num_timesteps, **opts)

@@ -1,7 +1,9 @@
-"""ldm_jax model configs from diffusers `config.json` dicts (UNet2DConditionModel, AutoencoderKL).
+"""ldm_jax model configs <-> diffusers `config.json` dicts (UNet2DConditionModel,
+AutoencoderKL, the scheduler), and a CLIPTextEncoder's transformers CLIPTextConfig.
 
-The results are plain dicts for `ldm_jax.models.unet_configs.from_config` and
-`ldm_jax.models.autoencoder.from_config`. A diffusers option that ldm_jax's models cannot
+The model results are plain dicts for `ldm_jax.models.unet_configs.from_config` and
+`ldm_jax.models.autoencoder.from_config`; a scheduler config gives the diffusion
+schedule and parameterization. A diffusers option that ldm_jax's models cannot
 express is a UserError naming the key; keys that only affect numerics in half precision
 (`upcast_attention`, `force_upcast`) or nothing in the model (`scaling_factor`, which is
 the diffusion config's `scale_factor`) are not part of the result. Keys this module does
@@ -217,7 +219,43 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict:
     )
 
 
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers -> ldm_jax names
+
+
+def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict, str]:
+    """(diffusion schedule settings, parameterization) of a diffusers scheduler config.
+    diffusers' 'scaled_linear' betas are ldm_jax's (and CompVis') 'linear' schedule."""
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise UserError(
+            f"scheduler beta_schedule {config['beta_schedule']!r}: Stable Diffusion uses "
+            "'scaled_linear' (ldm_jax's 'linear'); other schedules are not imported."
+        )
+    prediction = _PREDICTIONS.get(config.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise UserError(
+            f"prediction_type {config['prediction_type']!r}: use epsilon or v_prediction"
+        )
+    schedule = dict(
+        beta_schedule="linear", linear_start=float(config.get("beta_start", 0.00085)),
+        linear_end=float(config.get("beta_end", 0.012)),
+        timesteps=int(config.get("num_train_timesteps", 1000)),
+    )  # fmt: skip
+    return schedule, prediction
+
+
 # ----- the other way: ldm_jax configs -> diffusers config.json dicts -----------------------
+def scheduler_config_to_diffusers(diffusion: Mapping[str, Any]) -> dict:
+    """diffusers DDIMScheduler config of a diffusion config's schedule settings."""
+    v = diffusion["parameterization"] == "v"
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_start": diffusion["linear_start"], "beta_end": diffusion["linear_end"],
+        "beta_schedule": "scaled_linear", "num_train_timesteps": diffusion["timesteps"],
+        "prediction_type": "v_prediction" if v else "epsilon",
+        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    }  # fmt: skip
+
+
 def unet_config_to_diffusers(unet: Mapping[str, Any]) -> dict:
     """diffusers UNet2DConditionModel config of an ldm_jax SD-style UNet config (with
     in/out channels and context_dim filled in)."""

@@ -1,18 +1,13 @@
-"""Stable Diffusion releases <-> ldm_jax runs.
+"""Stable Diffusion releases -> ImportedModel, and the inference YAML of an ldm_jax model.
 
 Import reads a CompVis / Stability single file (`.safetensors`, `.ckpt`) of SD 1.x or 2.x,
 or a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `scheduler/`, `tokenizer/`), into
-an `ImportedModel` (configs + params), which `write_run` turns into an ordinary ldm_jax
-diffusion run directory:
-
-    <workdir>/first_stage/checkpoints/0   the VAE as a first stage (its params only)
-    <workdir>/text_encoder.safetensors   the CLIP text encoder (ldm_jax naming)
-    <workdir>/checkpoints/0              the UNet at step 0: params = EMA, fresh AdamW
-
-so `ldm_jax.sample`, `ldm_jax.evaluate` and `ldm_jax.train` (fine-tuning) take it as they
-take any run. The architecture comes from the original YAML config when given
-(`original_config`), else from the release's preset, checked tensor by tensor; the CLIP
-tower's shape is read from its tensors (64-wide heads, as every CLIP text tower).
+an `ImportedModel` (configs + params), which `ldm_jax.import_sd` writes as an ordinary
+ldm_jax diffusion run (`ldm_jax.export` writes runs back in these layouts). The architecture
+comes from the original YAML config when given (`original_config`), else from the
+release's preset, checked tensor by tensor; the CLIP tower's shape is read from its
+tensors (64-wide heads, as every CLIP text tower). `compvis_yaml` writes the inference
+YAML that `original_config` reads back.
 """
 
 from __future__ import annotations
@@ -34,8 +29,14 @@ SD2_CLIP_PREFIX = "cond_stage_model.model."  # OpenCLIP
 SCALE_FACTOR = 0.18215
 SD_SCHEDULE = dict(beta_schedule="linear", linear_start=0.00085, linear_end=0.012, timesteps=1000)
 PARAMETERIZATIONS = ("eps", "v")
+# The KL-f8 autoencoder of every SD 1.x / 2.x release (keys of an autoencoder config.model).
+SD_VAE = dict(
+    type="kl", ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(),
+    attn_type="vanilla", dropout=0.0, in_channels=3, out_ch=3, resolution=256,
+    z_channels=4, embed_dim=4, double_z=True, norm_groups=32,
+)  # fmt: skip
 # openaimodel UNet arguments of a CompVis YAML that ldm_jax's UNet takes as they are.
-_YAML_UNET_KEYS = (
+YAML_UNET_KEYS = (
     "in_channels", "out_channels", "model_channels", "attention_resolutions",
     "num_res_blocks", "channel_mult", "num_heads", "num_head_channels",
     "use_spatial_transformer", "transformer_depth", "context_dim",
@@ -47,7 +48,7 @@ _YAML_UNET_KEYS = (
 class ImportedModel:
     unet: dict  # UNet config (ldm_jax.models.unet_configs keys)
     unet_params: dict
-    vae: dict  # autoencoder model config (config.model of an autoencoder run)
+    vae: dict  # autoencoder architecture (keys of an autoencoder run's config.model)
     vae_params: dict
     clip: dict  # CLIPTextEncoder fields
     clip_params: dict
@@ -60,13 +61,9 @@ class ImportedModel:
 
 
 def kl_f8_vae() -> dict:
-    """The SD VAE's model config (configs/autoencoder/kl_f8.py)."""
-    from ldm_jax import config_common
-
-    c = config_common.autoencoder_config(
-        kind="kl", embed_dim=4, ch_mult=(1, 2, 4, 4), attn_resolutions=()
-    )
-    return c.model.to_dict()
+    """The SD VAE's architecture (configs/autoencoder/kl_f8.py's), the base that a YAML's
+    or a diffusers folder's fields override."""
+    return dict(SD_VAE)
 
 
 # ----- architecture -----------------------------------------------------------------------
@@ -108,7 +105,7 @@ def _from_yaml(path) -> dict:
         embed_dim = int(root["first_stage_config"]["params"]["embed_dim"])
     except (OSError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a CompVis LatentDiffusion config ({e!r})") from e
-    unet = {k: unet_p[k] for k in _YAML_UNET_KEYS if k in unet_p}
+    unet = {k: unet_p[k] for k in YAML_UNET_KEYS if k in unet_p}
     unet["image_size"] = int(root.get("image_size", 64))
     vae = kl_f8_vae() | {
         "ch": int(dd["ch"]), "ch_mult": tuple(dd["ch_mult"]),
@@ -158,7 +155,7 @@ def from_single_file(
     """An SD 1.x / 2.x single-file checkpoint -> ImportedModel. SD 2.x exists as eps
     (512-base) and v (768-v) models that the weights cannot tell apart: without the
     original YAML, `parameterization` is required for them."""
-    from ldm_jax.interop import unet_weights, vae_weights
+    from ldm_jax.interop import clip_weights, unet_weights, vae_weights
     from ldm_jax.models import clip, unet_configs
 
     state = tensor_files.load_state_dict(path)
@@ -191,9 +188,9 @@ def from_single_file(
     found["unet"]["context_dim"] = clip_cfg["width"]
     encoder = clip.CLIPTextEncoder(**clip_cfg)
     if variant == "sd1":
-        clip_params = clip.convert_hf_clip(state, encoder, prefix=SD1_CLIP_PREFIX)
+        clip_params = clip_weights.convert_hf_clip(state, encoder, prefix=SD1_CLIP_PREFIX)
     else:
-        clip_params = clip.convert_open_clip(state, encoder, prefix=SD2_CLIP_PREFIX)
+        clip_params = clip_weights.convert_open_clip(state, encoder, prefix=SD2_CLIP_PREFIX)
     unet = unet_weights.unet_from_compvis(state, _unet_model(found["unet"]), prefix=UNET_PREFIX)
     vae = vae_weights.vae_from_compvis(state, _vae_model(found["vae"]), prefix=VAE_PREFIX)
     if image_size is None:  # SD 2's v model is the 768 px one
@@ -222,28 +219,17 @@ def _weights_in(folder: pathlib.Path) -> pathlib.Path:
 
 def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
     """A diffusers Stable Diffusion folder -> ImportedModel."""
-    from ldm_jax.interop import diffusers_config, unet_weights, vae_weights
-    from ldm_jax.models import clip
+    from ldm_jax.interop import clip_weights, diffusers_config, unet_weights, vae_weights
 
     root = pathlib.Path(path)
     unet_cfg = diffusers_config.unet_config_from_diffusers(_read_json(root / "unet/config.json"))
     vae_json = _read_json(root / "vae/config.json")
     vae_cfg = kl_f8_vae() | diffusers_config.vae_config_from_diffusers(vae_json)
     text_json = _read_json(root / "text_encoder/config.json")
-    encoder = clip.clip_from_hf_config(text_json)
-    sched = _read_json(root / "scheduler/scheduler_config.json")
-    if sched.get("beta_schedule", "scaled_linear") != "scaled_linear":
-        raise UserError(
-            f"scheduler beta_schedule {sched['beta_schedule']!r}: Stable Diffusion uses "
-            "'scaled_linear' (ldm_jax's 'linear'); other schedules are not imported."
-        )
-    prediction = {"epsilon": "eps", "v_prediction": "v"}.get(
-        sched.get("prediction_type", "epsilon")
+    encoder = clip_weights.clip_from_hf_config(text_json)
+    schedule, prediction = diffusers_config.schedule_from_diffusers(
+        _read_json(root / "scheduler/scheduler_config.json")
     )
-    if prediction is None:
-        raise UserError(
-            f"prediction_type {sched['prediction_type']!r}: use epsilon or v_prediction"
-        )
     pad = tokenizer_padding(root / "tokenizer")
     unet = unet_weights.unet_from_diffusers(
         tensor_files.load_state_dict(_weights_in(root / "unet")), _unet_model(unet_cfg)
@@ -251,17 +237,12 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
     vae = vae_weights.vae_from_diffusers(
         tensor_files.load_state_dict(_weights_in(root / "vae")), _vae_model(vae_cfg)
     )
-    text = clip.convert_hf_clip(
+    text = clip_weights.convert_hf_clip(
         tensor_files.load_state_dict(_weights_in(root / "text_encoder")), encoder
     )
     clip_cfg = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
                 if f.name in ("width", "num_layers", "num_heads", "mlp_dim", "vocab_size",
                               "context_length", "activation", "output", "layer_norm_eps")}  # fmt: skip
-    schedule = dict(
-        beta_schedule="linear", linear_start=float(sched.get("beta_start", 0.00085)),
-        linear_end=float(sched.get("beta_end", 0.012)),
-        timesteps=int(sched.get("num_train_timesteps", 1000)),
-    )  # fmt: skip
     factor = 2 ** (len(vae_cfg["ch_mult"]) - 1)
     return ImportedModel(
         unet=unet_cfg, unet_params=unet["params"], vae=vae_cfg, vae_params=vae["params"],
@@ -293,133 +274,23 @@ def tokenizer_padding(folder: pathlib.Path) -> str:
     return variants.get(token, "sd1")
 
 
-# ----- an ldm_jax run ---------------------------------------------------------------------
-# UNet fields the diffusion task derives itself (from the first stage and the conditioner).
-_DERIVED = ("in_channels", "out_channels", "context_dim", "image_size", "num_classes")
-
-
-def run_config(model: ImportedModel, workdir):
-    """The diffusion config of an imported model living in `workdir`."""
-    from ldm_jax import config_common
-
-    workdir = pathlib.Path(workdir).absolute()
-    c = config_common.diffusion_config(
-        first_stage_workdir=str(workdir / "first_stage"),
-        model_channels=model.unet["model_channels"],
-        channel_mult=tuple(model.unet["channel_mult"]),
-        attention_resolutions=tuple(model.unet["attention_resolutions"]),
-    )
-    for key, value in model.unet.items():
-        if key not in _DERIVED and value is not None:
-            c.model[key] = tuple(value) if isinstance(value, list) else value
-    # One of the two head settings is the model's; the other must not linger from the
-    # defaults (heads do not change any shape, so a wrong count would load silently).
-    c.model.num_heads = int(model.unet.get("num_heads", -1))
-    c.model.num_head_channels = int(model.unet.get("num_head_channels", -1))
-    c.conditioning_key = "crossattn"
-    c.cond.kind = "clip"
-    c.cond.max_length = model.clip["context_length"]
-    c.cond.drop_rate = 0.1  # for fine-tuning with classifier-free guidance
-    with c.cond.unlocked():
-        c.cond.clip = dict(model.clip)
-        c.cond.tokenizer = model.tokenizer
-        c.cond.weights = str(workdir / "text_encoder.safetensors")
-    c.diffusion.update(model.schedule)
-    c.diffusion.parameterization = model.parameterization
-    c.diffusion.scale_factor = model.scale_factor
-    c.diffusion.scale_by_std = False
-    c.data.image_size = model.image_size
-    c.data.resize = model.image_size
-    c.sampling.update(dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=7.5))
-    c.optim.base_learning_rate = 1.0e-4
-    c.optim.scale_lr = False
-    c.ema.decay = 0.9999
-    with c.unlocked():
-        c.imported_from = model.source
-    return c
-
-
-def _first_stage_config(model: ImportedModel):
-    from ldm_jax import config_common
-
-    c = config_common.autoencoder_config(
-        kind="kl", embed_dim=model.vae["embed_dim"], ch_mult=tuple(model.vae["ch_mult"]),
-        attn_resolutions=tuple(model.vae["attn_resolutions"]),
-    )  # fmt: skip
-    c.model.update({k: tuple(v) if isinstance(v, list) else v for k, v in model.vae.items()})
-    with c.unlocked():
-        c.imported_from = model.source
-    return c
-
-
-def write_run(model: ImportedModel, workdir) -> pathlib.Path:
-    """Writes the run directory described in this module's docstring; refuses a workdir
-    that already holds checkpoints (nothing is overwritten)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from ldm_jax.training import checkpoint as ckpt_lib
-    from ldm_jax.training.diffusion import DiffusionState, DiffusionTask
-
-    workdir = pathlib.Path(workdir).absolute()
-    for sub in ("checkpoints", "first_stage", "text_encoder.safetensors"):
-        if (workdir / sub).exists():
-            raise UserError(
-                f"{workdir / sub} exists: import into a new --workdir (nothing was changed)."
-            )
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = run_config(model, workdir)
-    # The first stage: its params only (no discriminator or optimizer was released).
-    fs = ckpt_lib.Checkpointer(workdir / "first_stage" / "checkpoints", keep=1, async_save=False)
-    fs.save(0, {"gen_params": {"model": model.vae_params}}, {}, _first_stage_config(model))
-    fs.close()
-    tensor_files.save_params(workdir / "text_encoder.safetensors", model.clip_params)
-
-    task = DiffusionTask(config)
-    params = {"unet": model.unet_params, "cond": {}}
-    want = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
-    have = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), params["unet"])
-    expect = jax.tree.map(
-        lambda a: (tuple(a.shape), np.dtype(a.dtype)), nn.unbox(want.params["unet"])
-    )
-    if have != expect:
-        raise UserError("the converted UNet does not match the run's UNet (internal error)")
-    state = DiffusionState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=task.tx.init(params),
-        ema_params=model.unet_params,
-        scale_factor=jnp.asarray(model.scale_factor, jnp.float32),
-        bad_step=-jnp.ones((), jnp.int32),
-        skipped=jnp.zeros((), jnp.int32),
-    )
-    data_state = {"next_batch": 0, "seed": config.seed, "global_batch_size": config.batch_size}
-    run = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
-    run.save(0, state, data_state, config, force=True)
-    run.close()
-    return workdir
-
-
-# ----- export -----------------------------------------------------------------------------
-EXPORT_LAYOUTS = ("ldm_jax", "msgpack", "compvis", "diffusers")
-
-
-def _compvis_yaml(config, unet_cfg, fs: dict) -> dict:
-    """A CompVis inference YAML (as a dict) describing an exported run: `from_single_file`
-    reads it back with `original_config`."""
-    d = config.diffusion
+# ----- the other way: an ldm_jax model's CompVis inference YAML ---------------------------
+def compvis_yaml(diffusion, unet_cfg: dict, fs: dict) -> dict:
+    """A CompVis inference YAML (as a dict) of a diffusion config's schedule settings
+    (`diffusion`), its UNet config (channels and image_size filled in) and its first
+    stage's model config: `from_single_file` reads it back with `original_config`."""
+    d = diffusion
     return {
         "model": {
             "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
             "params": {
-                "linear_start": d.linear_start, "linear_end": d.linear_end,
-                "timesteps": d.timesteps, "parameterization": d.parameterization,
-                "scale_factor": float(d.scale_factor), "image_size": int(unet_cfg["image_size"]),
+                "linear_start": d["linear_start"], "linear_end": d["linear_end"],
+                "timesteps": d["timesteps"], "parameterization": d["parameterization"],
+                "scale_factor": float(d["scale_factor"]), "image_size": int(unet_cfg["image_size"]),
                 "channels": int(unet_cfg["in_channels"]),
                 "unet_config": {
                     "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    "params": {k: _plain(unet_cfg[k]) for k in _YAML_UNET_KEYS if k in unet_cfg},
+                    "params": {k: _plain(unet_cfg[k]) for k in YAML_UNET_KEYS if k in unet_cfg},
                 },
                 "first_stage_config": {
                     "target": "ldm.models.autoencoder.AutoencoderKL",
@@ -445,113 +316,3 @@ def _compvis_yaml(config, unet_cfg, fs: dict) -> dict:
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def _run_parts(workdir, step: int):
-    import jax
-
-    from ldm_jax.training.restore import load_run
-
-    config, task, state, step = load_run(workdir, step, stage="diffusion")
-    parts = {
-        "unet": jax.device_get(state.ema_params),
-        "vae": jax.device_get(task.first_stage.load_params()),
-    }
-    if task.cond.kind == "clip":
-        parts["text_encoder"] = task.cond.frozen_params()["text_encoder"]
-    elif task.cond.trainable:
-        parts["cond"] = jax.device_get(state.params["cond"])
-    return config, task, parts, step
-
-
-def export_run(workdir, layout: str, out, step: int = -1) -> pathlib.Path:
-    """A diffusion run's EMA UNet, first stage and text encoder in one of EXPORT_LAYOUTS:
-    ldm_jax (.safetensors, names `unet/...`, `vae/...`, `text_encoder/...`), msgpack, a
-    CompVis single file (+ its inference YAML), or a diffusers folder."""
-    from ldm_jax.interop import diffusers_config, unet_weights, vae_weights
-    from ldm_jax.models import clip
-
-    if layout not in EXPORT_LAYOUTS:
-        raise UserError(f"layout {layout!r}: use one of {list(EXPORT_LAYOUTS)}")
-    out = pathlib.Path(out).absolute()
-    if out.exists():
-        raise UserError(f"{out} exists: export to a new path (nothing was changed).")
-    config, task, parts, step = _run_parts(workdir, step)
-    settings = json.loads(config.to_json())
-    if layout in ("ldm_jax", "msgpack"):
-        suffix = ".safetensors" if layout == "ldm_jax" else ".msgpack"
-        if out.suffix != suffix:
-            raise UserError(f"--layout {layout} writes a {suffix} file; name --out accordingly")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensor_files.save_params(
-            out, parts, {"config": json.dumps(settings)} if suffix != ".msgpack" else None
-        )
-        out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
-        return out
-    unet_cfg = dict(task._unet_cfg().to_dict())
-    unet_cfg.setdefault("image_size", task.latent_size)
-    text = parts.get("text_encoder")
-    if task.cond.kind == "clip" and task.cond.module.output != "last":
-        if layout == "compvis":
-            raise UserError(
-                "an SD 2.x (OpenCLIP, penultimate) text encoder has no CompVis export here: its "
-                "unused last block is not kept; export --layout diffusers instead."
-            )
-    if layout == "compvis":
-        if out.suffix != ".safetensors":
-            raise UserError("--layout compvis writes one .safetensors file; name --out accordingly")
-        tensors = unet_weights.unet_to_compvis(parts["unet"], task.unet, prefix=UNET_PREFIX)
-        tensors |= vae_weights.vae_to_compvis(
-            parts["vae"], task.first_stage.model, prefix=VAE_PREFIX
-        )
-        if text is not None:
-            tensors |= clip.export_hf_clip(text, prefix=SD1_CLIP_PREFIX)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensor_files.save_safetensors(out, tensors)
-        import yaml
-
-        yaml_path = out.with_suffix(".yaml")
-        yaml_path.write_text(
-            yaml.safe_dump(
-                _compvis_yaml(config, unet_cfg, task.first_stage.model_cfg.to_dict()),
-                sort_keys=False,
-            )
-        )
-        return out
-    # diffusers
-    if task.cond.kind != "clip":
-        raise UserError("--layout diffusers needs a CLIP-conditioned (Stable Diffusion) run")
-    sched = {
-        "_class_name": "DDIMScheduler",
-        "beta_start": config.diffusion.linear_start, "beta_end": config.diffusion.linear_end,
-        "beta_schedule": "scaled_linear", "num_train_timesteps": config.diffusion.timesteps,
-        "prediction_type": "v_prediction" if config.diffusion.parameterization == "v" else "epsilon",
-        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-    }  # fmt: skip
-    files = {
-        "unet/config.json": diffusers_config.unet_config_to_diffusers(unet_cfg),
-        "vae/config.json": diffusers_config.vae_config_to_diffusers(
-            task.first_stage.model_cfg.to_dict(), float(config.diffusion.scale_factor)
-        ),
-        "text_encoder/config.json": diffusers_config.clip_config_to_transformers(
-            dict(config.cond.clip)
-        ),
-        "scheduler/scheduler_config.json": sched,
-    }
-    # Vocabulary, merges and pad token, as transformers itself writes a tokenizer folder.
-    task.cond.tokenizer.save_pretrained(out / "tokenizer")
-    for name, content in files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(content, indent=2) + "\n")
-    tensor_files.save_safetensors(
-        out / "unet/diffusion_pytorch_model.safetensors",
-        unet_weights.unet_to_diffusers(parts["unet"], task.unet),
-    )
-    tensor_files.save_safetensors(
-        out / "vae/diffusion_pytorch_model.safetensors",
-        vae_weights.vae_to_diffusers(parts["vae"], task.first_stage.model),
-    )
-    tensor_files.save_safetensors(
-        out / "text_encoder/model.safetensors", clip.export_hf_clip(text, prefix="text_model.")
-    )
-    return out

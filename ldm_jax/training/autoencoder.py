@@ -19,8 +19,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import multihost_utils
 
+from ldm_jax.data import images as images_lib
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation import image_metrics
 from ldm_jax.losses import autoencoder as ae_losses
@@ -28,8 +28,9 @@ from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import outputs
+from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import state as state_lib
+from ldm_jax.training.task import Task
 
 
 @flax.struct.dataclass
@@ -44,13 +45,13 @@ class AutoencoderState:
     skipped: jax.Array  # int32 []: updates dropped because of non-finite values
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
     """Everything the generic loop needs to train and evaluate a first-stage model."""
 
     stage = "autoencoder"
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
         self.model = ae_models.from_config(config.model)
         self.kind = config.model.type
         lc = config.loss
@@ -67,6 +68,7 @@ class AutoencoderTask:
         self.disc_tx = optax.adam(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps)
 
     def validate(self) -> None:
+        super().validate()
         if int(self.config.train.get("grad_accum_steps", 1) or 1) != 1:
             raise UserError(
                 "config.train.grad_accum_steps must be 1 for the autoencoder stage: the "
@@ -83,29 +85,25 @@ class AutoencoderTask:
                 f"{max(f, size // f * f)}."
             )
 
-    @staticmethod
-    def device_batch(batch: dict, with_mask: bool = False) -> dict:
+    def device_batch(self, batch: dict, with_mask: bool = False) -> dict:
         """The arrays the step needs: images (and the padding mask when evaluating)."""
         keys = ("image", "mask") if with_mask else ("image",)
         return {k: batch[k] for k in keys}
 
     def sample_grid(self, state, batch, rows: int, frozen=None) -> list:
         """Originals over their reconstructions, `rows` images each: [orig, recon]."""
-        if not hasattr(self, "_reconstruct_jit"):  # one trace for every grid of the run
-            self._reconstruct_jit = jax.jit(self.reconstruct)
         recon = self._reconstruct_jit(state, batch["image"])
-        take = lambda a: outputs.to_uint8(multihost_utils.process_allgather(a, tiled=True)[:rows])
+        take = lambda a: images_lib.to_uint8(MeshRun.all_rows(a)[:rows])
         return [take(batch["image"]), take(recon)]
+
+    @functools.cached_property
+    def _reconstruct_jit(self):  # one trace for every grid of the run
+        return jax.jit(self.reconstruct)
 
     # ----- state -------------------------------------------------------------------------
     def frozen_params(self):
         """Frozen networks the loss needs, passed to the jitted step as an argument."""
         return {"lpips": lpips_lib.load_lpips_params()}
-
-    @functools.cached_property
-    def state_specs(self):
-        """Logical PartitionSpecs of the state (for the FSDP compute gather)."""
-        return mesh_lib.logical_specs(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
 
     def init_state(self, rng) -> AutoencoderState:
         """Boxed (logically annotated) initial state; the loop unboxes after sharding."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.errors import UserError
+from ldm_jax.interop import bert_weights
 from ldm_jax.models import conditioning, tokenizers
 
 KINDS = ("none", "class", "text", "text_frozen", "clip")
@@ -47,7 +48,7 @@ class Conditioner:
                 max_seq_len=cond_cfg.max_length,
             )
         elif self.kind == "text_frozen":
-            self.module, self._frozen, self.tokenizer = conditioning.load_minilm()
+            self.module, self._frozen, self.tokenizer = bert_weights.load_minilm()
         elif self.kind == "clip":
             self.module, self._frozen, self.tokenizer = _load_clip(cond_cfg)
 
@@ -70,18 +71,45 @@ class Conditioner:
         return int(self.cfg.embed_dim)
 
     # ----- host side ---------------------------------------------------------------------
-    def host_inputs(self, batch: dict) -> dict:
-        """Numpy arrays the device step needs from a data batch."""
+    def inputs(self, conditions) -> dict:
+        """Per-example conditions (class ids for class runs, prompts for text runs, None
+        each for unconditional runs) -> the numpy arrays the UNet's inputs are made of.
+        The one place where labels or prompts become model inputs: training batches,
+        sampling, the evaluator and the sample grids all come through here."""
+        if self.kind == "class":
+            return self.labels_inputs(conditions)
+        if self.is_text:
+            return self.encode_prompts([str(p) for p in conditions])
+        return {}
+
+    def conditions_of(self, batch: dict) -> list:
+        """The per-example conditions of a data batch (its labels or captions)."""
         if self.kind == "class":
             if "label" not in batch:
                 raise UserError("config.cond.kind='class' but the dataset yields no labels.")
-            labels = conditioning.check_class_ids(batch["label"], self.n_classes)
-            return {"label": np.asarray(labels, np.int32)}
+            return list(np.asarray(batch["label"]))
         if self.is_text:
             if "caption" not in batch:
                 raise UserError(f"config.cond.kind={self.kind!r} but the dataset has no captions.")
-            return self.encode_prompts(list(batch["caption"]))
-        return {}
+            return list(batch["caption"])
+        return [None] * len(next(iter(batch.values())))
+
+    def parse(self, text: str):
+        """One condition as a user types it (a class id, a prompt) -> `inputs`' form."""
+        if self.kind != "class":
+            return text
+        try:
+            label = int(text)
+        except ValueError:
+            raise UserError(
+                f"class label {text!r} is not an integer: give ids in [0, {self.n_classes - 1}]."
+            ) from None
+        self.labels_inputs([label])  # an out-of-range id fails here, naming the range
+        return label
+
+    def host_inputs(self, batch: dict) -> dict:
+        """Numpy arrays the device step needs from a data batch."""
+        return self.inputs(self.conditions_of(batch)) if self.kind != "none" else {}
 
     def encode_prompts(self, prompts) -> dict:
         """Token ids and masks; each distinct prompt is tokenized once (captions repeat,
@@ -107,7 +135,10 @@ class Conditioner:
         }
 
     def labels_inputs(self, labels) -> dict:
-        labels = conditioning.check_class_ids(np.asarray(labels), self.n_classes)
+        try:
+            labels = conditioning.check_class_ids(np.asarray(labels), self.n_classes)
+        except ValueError as e:
+            raise UserError(f"{e}; give class ids in [0, {self.n_classes - 1}].") from None
         return {"label": np.asarray(labels, np.int32)}
 
     def null_inputs(self, batch_size: int) -> dict:

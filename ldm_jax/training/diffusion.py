@@ -9,25 +9,25 @@ with classifier-free guidance, then decodes through the first stage.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
+from ldm_jax.data import images as images_lib
 from ldm_jax.data import latent_cache
 from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import accumulate, outputs
+from ldm_jax.parallel.mesh_run import MeshRun
+from ldm_jax.training import accumulate
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.conditioner import Conditioner
 from ldm_jax.training.first_stage import FirstStage
+from ldm_jax.training.task import Task
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 
@@ -49,12 +49,12 @@ def ema_decay(step, decay: float):
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     stage = "diffusion"
 
     def __init__(self, config, first_stage: FirstStage | None = None):
         """`first_stage` defaults to the checkpoint config.first_stage names."""
-        self.config = config
+        super().__init__(config)
         if config.conditioning_key not in CONDITIONING_KEYS:
             raise UserError(
                 f"unknown config.conditioning_key {config.conditioning_key!r}; "
@@ -64,7 +64,7 @@ class DiffusionTask:
         self.cond = Conditioner(config.cond, config.conditioning_key)
         self.sched = schedules.make_schedule(config.diffusion)
         self.concat = config.conditioning_key in ("concat", "hybrid")
-        self.unet = unet_configs.from_config(self._unet_cfg())
+        self.unet = unet_configs.from_config(self.unet_config())
         lr = config.optim.base_learning_rate * (config.batch_size if config.optim.scale_lr else 1)
         self.learning_rate = lr
         schedule = optax.linear_schedule(
@@ -72,7 +72,9 @@ class DiffusionTask:
         )
         self.tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
 
-    def _unet_cfg(self):
+    def unet_config(self):
+        """config.model with the fields the task derives: channels from the first stage
+        (and a concat condition), context width and class count from the conditioner."""
         u = self.config.model.copy_and_resolve_references()
         c = self.first_stage.latent_channels
         with u.unlocked():
@@ -88,6 +90,7 @@ class DiffusionTask:
         return int(self.config.train.get("grad_accum_steps", 1) or 1)
 
     def validate(self) -> None:
+        super().validate()
         k, b = self.grad_accum_steps, self.config.batch_size
         if k < 1 or b % k:
             raise UserError(
@@ -122,13 +125,20 @@ class DiffusionTask:
             context = jnp.zeros((1, 1, self.cond.context_dim), jnp.float32)
         y = jnp.zeros((1,), jnp.int32) if self.config.conditioning_key == "adm" else None
         unet_params = self.unet.init(r_unet, x, t, context=context, y=y)["params"]
-        params = {"unet": unet_params, "cond": self.cond.init(r_cond)}
+        return self.state_from_params(unet_params, self.cond.init(r_cond))
+
+    def state_from_params(self, unet_params, cond_params=None, scale_factor=None):
+        """A step-0 state of given weights: the EMA equal to the UNet, fresh AdamW moments,
+        `scale_factor` (default: the config's)."""
+        params = {"unet": unet_params, "cond": {} if cond_params is None else cond_params}
+        if scale_factor is None:
+            scale_factor = self.config.diffusion.scale_factor
         return DiffusionState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=self.tx.init(params),
             ema_params=unet_params,
-            scale_factor=jnp.asarray(self.config.diffusion.scale_factor, jnp.float32),
+            scale_factor=jnp.asarray(scale_factor, jnp.float32),
             bad_step=-jnp.ones((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
         )
@@ -140,16 +150,19 @@ class DiffusionTask:
             return state
         return state.replace(scale_factor=1.0 / jnp.std(self._latents(frozen, batch, rng)))
 
-    def train_source(self, encode_on_mesh):
+    @property
+    def uses_first_batch(self) -> bool:
+        return bool(self.config.diffusion.scale_by_std)
+
+    def train_source(self, mesh_run):
         """The latent cache as the training source (built on first use), or None to read
-        images. `encode_on_mesh(fn)` turns fn(frozen, images) into a jitted function of
-        the images on the mesh, and a dict of local arrays into global ones."""
+        images."""
         if not _cache_enabled(self.config):
             return None
-        encode, global_batch = encode_on_mesh(
+        encode = mesh_run.jit_on_batch(
             lambda frozen, images: self.first_stage.codes(frozen["first_stage"], images)
         )
-        return latent_cache.build(self.config, self.first_stage, encode, global_batch)
+        return latent_cache.build(self.config, self.first_stage, encode, mesh_run)
 
     def device_batch(self, batch: dict, with_mask: bool = False) -> dict:
         key = "latent" if "latent" in batch else "image"
@@ -164,15 +177,23 @@ class DiffusionTask:
         b, s = images.shape[0], self.latent_size
         return jax.image.resize(images, (b, s, s, images.shape[-1]), "bilinear", antialias=True)
 
-    @functools.cached_property
-    def state_specs(self):
-        """Logical PartitionSpecs of the state (for the FSDP compute gather)."""
-        return mesh_lib.logical_specs(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
+    def _compute_params(self, unet_params, cond_params):
+        """The UNet's and the conditioning encoder's weights in their compute layout
+        (whole over fsdp): XLA all-gathers them for the forward pass."""
+        specs = self.state_specs.params
+        return (
+            mesh_lib.gather_for_compute(unet_params, specs["unet"]),
+            mesh_lib.gather_for_compute(cond_params, specs["cond"]),
+        )
 
     def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng=None):
-        specs = self.state_specs.params
-        unet_params = mesh_lib.gather_for_compute(unet_params, specs["unet"])
-        cond_params = mesh_lib.gather_for_compute(cond_params, specs["cond"])
+        unet_params, cond_params = self._compute_params(unet_params, cond_params)
+        return self._apply_gathered(
+            unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng
+        )
+
+    def _apply_gathered(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train,
+                        rng=None):  # fmt: skip
         context, y = self.cond.embed(cond_params, frozen, inputs)
         if self.concat:
             z_t = jnp.concatenate([z_t, self._dense(images)], axis=-1)
@@ -274,77 +295,75 @@ class DiffusionTask:
         )
         return {"loss": per_example}
 
-    def sample(
-        self,
-        state,
-        frozen,
-        inputs,
-        rng,
-        *,
-        images=None,
-        shape=None,
-        sampling=None,
-        noise=None,
-        uncond=None,
-        init_latents=None,
-        strength=None,
-    ):
-        """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1].
+    def sample(self, state, frozen, inputs, rng, **kwargs):
+        """Latent sampling + decoding: -> images [B, H, W, 3] in [-1, 1]; the keyword
+        arguments are `sample_latents`'."""
+        latents = self.sample_latents(state, frozen, inputs, rng, **kwargs)
+        return self.decode(state, frozen, latents)
 
-        `inputs` are device conditioning inputs (e.g. from `cond.labels_inputs`);
-        `shape` (B, h, w, c) of the latents may exceed the trained latent size
-        (convolutional sampling); `noise` (that shape) replaces the drawn starting latents
-        x_T; `images` feed a concat condition. `uncond` replaces the null condition of
-        classifier-free guidance (a negative prompt's inputs, same batch as `inputs`).
-        `init_latents` (scaled, as `encode_images` gives) with `strength` in (0, 1] is
-        image-to-image: they are noised to the step `strength` of the way up the sampler's
-        grid (with `noise` if given) and denoised from there.
+    def sample_latents(
+        self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None,
+        noise=None, uncond=None, init_latents=None, strength=None,
+    ):  # fmt: skip
+        """Scaled latents sampled on the EMA weights.
+
+        `inputs` are device conditioning inputs (`cond.inputs`); `shape` (B, h, w, c) may
+        exceed the trained latent size (convolutional sampling); `noise` (that shape)
+        replaces the drawn starting latents x_T; `images` feed a concat condition.
+        `uncond` replaces the null condition of classifier-free guidance (a negative
+        prompt's inputs, same batch as `inputs`). `init_latents` (scaled, as
+        `encode_images` gives) with `strength` in (0, 1] is image-to-image: they are noised
+        to the step `strength` of the way up the sampler's grid and denoised from there.
         """
-        sc = sampling or self.config.sampling
-        sampler = samplers.get_sampler(sc.sampler)
-        opts = _sampler_opts(sc)
+        sampling = sampling or self.config.sampling
+        opts = samplers.options(sampling)
         if init_latents is not None:
-            opts["skip"], t_start = self.img2img_start(strength, sc)
             r_noise, rng = jax.random.split(rng)
-            if noise is None:
-                noise = jax.random.normal(r_noise, init_latents.shape, jnp.float32)
-            t = jnp.full((init_latents.shape[0],), t_start, jnp.int32)
-            noise = objectives.q_sample(self.sched, init_latents, t, noise)
-        shape = tuple(noise.shape) if noise is not None else shape
-        b = shape[0]
-        if uncond is None:
-            uncond = self.cond.null_inputs(b)
-        uncond = {k: jnp.asarray(v) for k, v in uncond.items()}
+            opts["skip"], noise = self._img2img_noised(
+                init_latents, strength, sampling, noise, r_noise
+            )
+        start = tuple(shape) if noise is None else noise
+        batch = start[0] if noise is None else noise.shape[0]
+        uncond = self.cond.null_inputs(batch) if uncond is None else uncond
+        fn = self._guided_model_fn(state, frozen, inputs, uncond, images, sampling, batch)
+        return samplers.get_sampler(sampling.sampler)(
+            fn, self.sched, start, rng, parameterization=self.config.diffusion.parameterization,
+            **opts,
+        )  # fmt: skip
+
+    def _guided_model_fn(self, state, frozen, inputs, uncond, images, sampling, batch: int):
+        """The EMA UNet as a function of (x, t), with guidance when it applies."""
         # FSDP: gather the weights once, not in every step of the sampler's loop.
-        specs = self.state_specs.params
-        ema = mesh_lib.gather_for_compute(state.ema_params, specs["unet"])
-        cond_params = mesh_lib.gather_for_compute(state.params["cond"], specs["cond"])
+        ema, cond_params = self._compute_params(state.ema_params, state.params["cond"])
 
         def model_fn(x, t, c):
-            dense_images = None
-            if self.concat:
-                dense_images = jnp.concatenate([images] * (x.shape[0] // b), axis=0)
-            return self._apply(ema, cond_params, frozen, x, t, c, dense_images, False)
+            dense = None
+            if self.concat:  # guidance doubles the batch: the condition is repeated with it
+                dense = jnp.concatenate([images] * (x.shape[0] // batch), axis=0)
+            return self._apply_gathered(ema, cond_params, frozen, x, t, c, dense, False)
 
-        if inputs and sc.guidance_scale != 1.0:
-            fn = guidance.guided_model_fn(model_fn, inputs, uncond, float(sc.guidance_scale))
-        else:
-            fn = lambda x, t: model_fn(x, t, inputs)  # noqa: E731
-        z = sampler(
-            fn,
-            self.sched,
-            shape if noise is None else noise,
-            rng,
-            parameterization=self.config.diffusion.parameterization,
-            **opts,
-        )
-        return self.first_stage.decode(frozen["first_stage"], z / state.scale_factor)
+        scale = float(sampling.guidance_scale)
+        if inputs and scale != 1.0:
+            uncond = {k: jnp.asarray(v) for k, v in uncond.items()}
+            return guidance.guided_model_fn(model_fn, inputs, uncond, scale)
+        return lambda x, t: model_fn(x, t, inputs)
+
+    def _img2img_noised(self, init_latents, strength, sampling, noise, rng):
+        """(grid steps skipped, the init latents noised to the step `strength` names)."""
+        skip, t_start = self.img2img_start(strength, sampling)
+        if noise is None:
+            noise = jax.random.normal(rng, init_latents.shape, jnp.float32)
+        t = jnp.full((init_latents.shape[0],), t_start, jnp.int32)
+        return skip, objectives.q_sample(self.sched, init_latents, t, noise)
+
+    def decode(self, state, frozen, latents):
+        """Scaled latents -> images [B, H, W, 3] in [-1, 1] through the first stage."""
+        return self.first_stage.decode(frozen["first_stage"], latents / state.scale_factor)
 
     def img2img_start(self, strength: float, sampling=None) -> tuple[int, int]:
         """(grid steps skipped, timestep the image is noised to) at `strength`."""
-        sc = sampling or self.config.sampling
-        opts = {k: v for k, v in _sampler_opts(sc).items() if k != "eta"}
-        grid = samplers.timesteps(sc.sampler, self.sched.num_timesteps, **opts)
+        sampling = sampling or self.config.sampling
+        grid = samplers.sampling_grid(sampling, self.sched.num_timesteps)
         return samplers.img2img_start(grid, float(strength))
 
     def encode_images(self, state, frozen, images, rng):
@@ -352,28 +371,31 @@ class DiffusionTask:
         posterior sample for KL first stages, as training and the reference's img2img)."""
         return self.first_stage.encode(frozen["first_stage"], images, rng) * state.scale_factor
 
+    def grid_columns(self, batch: dict, rows: int) -> int:
+        """A sample grid's columns: one per class (up to `rows`) for class models, one
+        per eval example for text and concat models, `rows` otherwise."""
+        if self.cond.kind == "class":
+            return min(rows, self.cond.n_classes)
+        if self.concat or self.cond.is_text:
+            return min(rows, batch["image"].shape[0])
+        return rows
+
     def sample_grid(self, state, batch, rows: int, frozen) -> list:
-        """Rows of samples, one column per condition: classes 0.. for class models, the
-        eval batch's captions (text) or low-res images (concat, shown as the first row)."""
-        sc = self.config.sampling
-        cols = rows
+        """Rows of samples, one column per condition (`grid_columns`); text and concat
+        models show the eval batch's images as the first row."""
+        cols = self.grid_columns(batch, rows)
         if self.cond.kind == "class":
-            cols = min(rows, self.cond.n_classes)
-        elif self.concat or self.cond.is_text:  # one column per example of the eval batch
-            cols = min(rows, batch["image"].shape[0])
-        inputs = {}
-        if self.cond.kind == "class":
-            inputs = self.cond.labels_inputs(np.arange(cols))
-        elif self.cond.is_text:
-            inputs = {"tokens": batch["tokens"], "token_mask": batch["token_mask"]}
+            inputs = self.cond.inputs(range(cols))
+        else:  # the eval batch's tokens (text) are device inputs already
+            inputs = _cond_inputs(batch)
         grid = []
         if self.concat or self.cond.is_text:
-            grid.append(outputs.to_uint8(_gather(batch["image"])[:cols]))
+            grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
         fn = self._sampler_fn(cols)
-        for r in range(sc.grid_rows):
+        for r in range(self.config.sampling.grid_rows):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 17), r)
             x = fn(state, frozen, inputs, batch["image"], rng)
-            grid.append(outputs.to_uint8(_gather(x)))
+            grid.append(images_lib.to_uint8(MeshRun.all_rows(x)))
         return grid
 
     def _sampler_fn(self, n: int):
@@ -392,16 +414,6 @@ class DiffusionTask:
         return cache[n]
 
 
-def _sampler_opts(sc) -> dict:
-    """The sampler's keyword options from a sampling config."""
-    opts = {}
-    if sc.sampler != "ddpm":
-        opts["num_steps"] = int(sc.steps)
-    if sc.sampler == "ddim":
-        opts["eta"] = float(sc.eta)
-    return opts
-
-
 def _cache_enabled(config) -> bool:
     return bool(config.get("latent_cache") and config.latent_cache.enabled)
 
@@ -409,7 +421,3 @@ def _cache_enabled(config) -> bool:
 def _cond_inputs(batch: dict) -> dict:
     """The conditioning arrays of a device batch (labels or tokens), whichever it has."""
     return {k: batch[k] for k in ("label", "tokens", "token_mask") if k in batch}
-
-
-def _gather(x):
-    return multihost_utils.process_allgather(x, tiled=True)

@@ -3,7 +3,9 @@
 A diffusion config names an autoencoder *workdir* (`config.first_stage.workdir`) and
 optionally a step; the architecture comes from that checkpoint's own metadata, so the
 autoencoder can never be rebuilt with the wrong shapes. Only the autoencoder's
-parameters are read (orbax partial restore), not its discriminator or optimizer state.
+parameters are read (orbax partial restore), not its discriminator or optimizer state;
+`FirstStage.save_params` writes a checkpoint of those parameters alone (an autoencoder
+that was not trained here, e.g. an imported VAE).
 """
 
 from __future__ import annotations
@@ -18,12 +20,32 @@ from flax import linen as nn
 
 from ldm_jax.errors import UserError
 from ldm_jax.models import autoencoder as ae_models
+from ldm_jax.training import checkpoint as ckpt_lib
+
+# Where an autoencoder run's checkpointed state keeps the autoencoder's parameters
+# (AutoencoderState.gen_params["model"], beside the loss's logvar and the optimizers).
+_PARAMS_PATH = ("gen_params", "model")
+
+
+def _params_item(params) -> dict:
+    """A checkpoint state holding `params` at _PARAMS_PATH and nothing else."""
+    outer, inner = _PARAMS_PATH
+    return {outer: {inner: params}}
+
+
+def _params_in(state) -> dict:
+    outer, inner = _PARAMS_PATH
+    return state[outer][inner]
+
+
+def _checkpoint_dir(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir / "checkpoints"
 
 
 class FirstStage:
     def __init__(self, fs_cfg):
         self.workdir = pathlib.Path(fs_cfg.workdir).expanduser().absolute()
-        ckpt_dir = self.workdir / "checkpoints"
+        ckpt_dir = _checkpoint_dir(self.workdir)
         train_cmd = (
             "python -m ldm_jax.train --config configs/autoencoder/<experiment>.py "
             f"--workdir {self.workdir}"
@@ -66,6 +88,16 @@ class FirstStage:
         obj._set_model(model_cfg)
         return obj
 
+    @staticmethod
+    def save_params(workdir, params, config, step: int = 0) -> None:
+        """Writes `params` as the autoencoder checkpoint `step` of `workdir` (`config`: its
+        autoencoder config), with no discriminator or optimizer state: a first stage that
+        `FirstStage` reads as it reads a trained one."""
+        directory = _checkpoint_dir(pathlib.Path(workdir).absolute())
+        ckpt = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
+        ckpt.save(step, _params_item(params), {}, config)
+        ckpt.close()
+
     def _set_model(self, model_cfg) -> None:
         self.model_cfg = ml_collections.ConfigDict(dict(model_cfg))
         self.model = ae_models.from_config(self.model_cfg)
@@ -90,7 +122,7 @@ class FirstStage:
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
         )
-        target = {"gen_params": {"model": abstract}}
+        target = _params_item(abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             out = self.manager.restore(
@@ -106,7 +138,7 @@ class FirstStage:
                 f"cannot read the autoencoder parameters from {self.path} "
                 f"({type(e).__name__}: {e})."
             ) from e
-        return out["state"]["gen_params"]["model"]
+        return _params_in(out["state"])
 
     # ----- pure functions used inside jitted steps ---------------------------------------
     def codes(self, params, images):

@@ -3,14 +3,19 @@ so commands that read a run (sample, evaluate) need nothing but its path."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+from typing import Any
 
 import jax
 import ml_collections
 from flax import linen as nn
 
 from ldm_jax.errors import UserError
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training.task import make_task
 
 
 def _open(workdir: pathlib.Path, step: int, stage: str | None):
@@ -40,31 +45,65 @@ def stored_config(workdir) -> dict:
     return meta["config"]
 
 
+@dataclasses.dataclass
+class RestoredRun:
+    """A run rebuilt from its workdir and restored onto its mesh, frozen params placed."""
+
+    config: ml_collections.ConfigDict
+    task: Any
+    state: Any  # sharded over `mesh_run.mesh` with the training shardings
+    step: int
+    mesh_run: MeshRun
+
+    @property
+    def frozen(self):
+        return self.mesh_run.frozen
+
+
+def _restore(ckpt, step: int, task, mesh_run: MeshRun | None):
+    """The state at `step`: on the mesh with the training shardings, or on this
+    process's default device without a mesh run."""
+    boxed = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
+    abstract = nn.unbox(boxed)
+    if mesh_run is not None:
+        shardings = mesh_lib.logical_to_sharding(boxed, mesh_run.mesh)
+        abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    return ckpt.restore(step, abstract)[0]
+
+
+def _open_task(workdir, step: int, stage: str | None, overrides):
+    workdir = pathlib.Path(workdir).absolute()
+    ckpt, step, meta = _open(workdir, step, stage)
+    config = ml_collections.ConfigDict(meta["config"])
+    if overrides is not None:
+        overrides(config)
+    return ckpt, step, config, make_task(config)
+
+
+def open_run(workdir, step: int = -1, stage: str | None = None, overrides=None) -> RestoredRun:
+    """The run in `workdir` at `step` (-1: latest) on the mesh of its `config.mesh`
+    (after `overrides(config)`), with the task's frozen params placed on that mesh.
+    `stage` ('autoencoder' / 'diffusion') is required of the run when given. Call inside
+    no mesh context: the run's mesh is made here, once."""
+    ckpt, step, config, task = _open_task(workdir, step, stage, overrides)
+    mesh_run = MeshRun.from_config(config.mesh)
+    with jax.set_mesh(mesh_run.mesh):
+        state = _restore(ckpt, step, task, mesh_run)
+        mesh_run.place_frozen(task.frozen_params())
+    ckpt.close()
+    return RestoredRun(config, task, state, step, mesh_run)
+
+
 def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False):
     """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
     of the run when given; `overrides(config)` may edit the config before the task is
     built (e.g. sampling settings or the mesh). With `sharded`, the state is restored
     onto the mesh of `config.mesh` with the training shardings (its arrays' `.sharding.mesh`);
     otherwise onto this process's default device."""
-    from ldm_jax.training.loop import make_task
-
-    workdir = pathlib.Path(workdir).absolute()
-    ckpt, step, meta = _open(workdir, step, stage)
-    config = ml_collections.ConfigDict(meta["config"])
-    if overrides is not None:
-        overrides(config)
-    task = make_task(config)
-    abstract = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
     if sharded:
-        from ldm_jax.parallel import mesh as mesh_lib
-        from ldm_jax.parallel import step as step_lib
-
-        mesh = mesh_lib.make_mesh(config.mesh)
-        with jax.set_mesh(mesh):
-            shardings = step_lib.state_shardings(task, mesh)
-            abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
-            state, _ = ckpt.restore(step, abstract)
-    else:
-        state, _ = ckpt.restore(step, abstract)
+        run = open_run(workdir, step, stage, overrides)
+        return run.config, run.task, run.state, run.step
+    ckpt, step, config, task = _open_task(workdir, step, stage, overrides)
+    state = _restore(ckpt, step, task, None)
     ckpt.close()
     return config, task, state, step
