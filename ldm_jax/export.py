@@ -20,7 +20,9 @@ from ldm_jax.training.sd_runs import EXPORT_LAYOUTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ldm_jax.runtime import CommandParser
+
+    p = CommandParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a diffusion run")
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--layout", required=True, choices=EXPORT_LAYOUTS)
@@ -37,10 +39,9 @@ def run(args) -> str:
 
 
 def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
     from ldm_jax import runtime
 
-    return runtime.run_command(run, args)
+    return runtime.run_command(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

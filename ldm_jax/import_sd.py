@@ -19,7 +19,9 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ldm_jax.runtime import CommandParser
+
+    p = CommandParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="single-file checkpoint (.safetensors / .ckpt)")
     src.add_argument("--diffusers", help="diffusers pipeline folder")
@@ -51,10 +53,9 @@ def run(args) -> str:
 
 
 def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
     from ldm_jax import runtime
 
-    return runtime.run_command(run, args)
+    return runtime.run_command(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,31 @@ def tiny_autoencoder_run(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="session")
+def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run, pytorch_fid_weights):
+    """The tiny class-conditional digits LDM on the tiny autoencoder, trained by the real
+    CLI for 2 steps, then resumed to 4 with the training loop's evaluator at step 4.
+
+    Returns (workdir, first run, resumed run).
+    """
+    from toy import EVAL_METRICS, LDM_CONFIG, eval_settings, run_module
+
+    workdir = tmp_path_factory.mktemp("ldm") / "run"
+    common = [
+        f"--config={LDM_CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.first_stage.workdir={tiny_autoencoder_run[0]}",
+        "--config.train.progress_bar=False",
+    ]
+    first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
+    settings = eval_settings(workdir.parent, pytorch_fid_weights[0])
+    evaluation = [f"--config.evaluation.{k}={v}" for k, v in settings.items()]
+    evaluation += ["--config.evaluation.every=4", f"--config.evaluation.metrics={EVAL_METRICS}"]
+    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4", *evaluation)
+    return workdir, first, second
+
+
+@pytest.fixture(scope="session")
 def pytorch_fid_weights(tmp_path_factory):
     """A weights file in pytorch-fid's layout: the packaged network's real TF 2015-12-05
     conv weights, plus a seeded random 2048 -> 1008 head standing in for the real

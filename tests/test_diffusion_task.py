@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy import run_module
+from toy import EVAL_METRICS, LDM_CONFIG, eval_settings, run_module
 
 from ldm_jax.training.diffusion import ema_decay
 
-CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
+CONFIG = LDM_CONFIG
 
 
 def test_ema_decay_warmup_closed_form():
@@ -19,37 +19,6 @@ def test_ema_decay_warmup_closed_form():
         0.9999, (1 + np.array([0, 1, 10, 100, 10**6])) / (10 + np.array([0, 1, 10, 100, 10**6]))
     )
     np.testing.assert_allclose(jax.vmap(lambda s: ema_decay(s, 0.9999))(steps), want, rtol=1e-6)
-
-
-EVAL_METRICS = ("accuracy", "digits_is", "fid", "is", "precision_recall")
-
-
-def eval_settings(tmp, weights) -> dict:
-    """Sample-metric settings shared by the training loop's evaluator and the command."""
-    return dict(
-        num_samples=8, num_reference=8, batch_size=8, steps=4, pr_k=3, is_splits=2,
-        stats_dir=str(tmp / "stats"), inception=str(weights),
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(tmp_path_factory, data_dir, tiny_autoencoder_run, pytorch_fid_weights):
-    """2 steps, then resumed to 4 with the training loop's evaluator at step 4."""
-    ae_workdir = tiny_autoencoder_run[0]
-    workdir = tmp_path_factory.mktemp("ldm") / "run"
-    common = [
-        f"--config={CONFIG}",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        f"--config.first_stage.workdir={ae_workdir}",
-        "--config.train.progress_bar=False",
-    ]
-    first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
-    settings = eval_settings(workdir.parent, pytorch_fid_weights[0])
-    evaluation = [f"--config.evaluation.{k}={v}" for k, v in settings.items()]
-    evaluation += ["--config.evaluation.every=4", f"--config.evaluation.metrics={EVAL_METRICS}"]
-    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4", *evaluation)
-    return workdir, first, second
 
 
 def test_train_two_steps_then_resume(diffusion_run):

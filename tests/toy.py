@@ -31,6 +31,17 @@ def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_siz
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AE_CONFIG = "configs/autoencoder/quickstart.py:runlocal"
+LDM_CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
+# The sample metrics of the session's tiny diffusion run (conftest.diffusion_run).
+EVAL_METRICS = ("accuracy", "digits_is", "fid", "is", "precision_recall")
+
+
+def eval_settings(tmp, weights) -> dict:
+    """Sample-metric settings shared by the training loop's evaluator and the command."""
+    return dict(
+        num_samples=8, num_reference=8, batch_size=8, steps=4, pr_k=3, is_splits=2,
+        stats_dir=str(tmp / "stats"), inception=str(weights),
+    )  # fmt: skip
 
 
 def run_module(module, *args, check=True, devices=1):

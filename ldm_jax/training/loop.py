@@ -197,7 +197,10 @@ class Trainer:
                 config.data, global_batch_size=config.batch_size, seed=config.seed, source=source
             )
             state, start = self._init_or_restore(ckpt, train_iter)
-            step_fn = step_lib.jit_train_step(self.task, self.mesh, self.state_shardings)
+            # Kept on the trainer: its trace count is checked (one trace per run).
+            self.step_fn = step_fn = step_lib.jit_train_step(
+                self.task, self.mesh, self.state_shardings
+            )
             writer = outputs.MetricWriter(self.workdir)
             result = self._train(state, start, step_fn, train_iter, ckpt, writer)
             writer.close()
