@@ -154,6 +154,19 @@ def autoencoder_config(
     return c
 
 
+def paper_autoencoder_data(c, runlocal: bool) -> None:
+    """The data of the paper's first-stage experiments: ImageNet's train and validation
+    splits (a prepared TFDS dataset); with `runlocal`, the toy model on the embedded
+    photo_crops and its test split."""
+    c.data.name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    if runlocal:
+        shrink_autoencoder(c)
+        c.data.name = "photo_crops"
+        c.data.eval_split = "test"
+
+
 def shrink_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`runlocal`: same structure, CPU size (tiny channels, 32x32 images, 4 steps)."""
     c.model.ch = 16

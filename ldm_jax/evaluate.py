@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm_jax.evaluation import metrics, settings
     from ldm_jax.runtime import CommandParser
 
-    p = CommandParser(description=__doc__.splitlines()[0])
+    p = CommandParser(description=__doc__.splitlines()[0], config_overrides=True)
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--metric", action="append", required=True,
@@ -75,14 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import jax
 
+    from ldm_jax import runtime
     from ldm_jax.evaluation import metrics, runner, settings
     from ldm_jax.parallel import distributed
     from ldm_jax.training.restore import open_run
 
     distributed.initialize()
 
+    run_overrides = [(k, v) for k, v in args.config_overrides if not k.startswith("evaluation.")]
+    eval_overrides = [(k, v) for k, v in args.config_overrides if k.startswith("evaluation.")]
+
     def overrides(config):
         metrics.check_metrics(config.stage, args.metric)
+        runtime.apply_config_overrides(config, run_overrides)
         with config.unlocked():
             if args.dataset:
                 config.data.name = args.dataset
@@ -95,6 +100,7 @@ def run(args) -> dict:
     eval_settings.metrics = tuple(sorted(set(args.metric)))
     for key in _SETTINGS:
         eval_settings[key] = getattr(args, key)
+    runtime.apply_config_overrides({"evaluation": eval_settings}, eval_overrides)
     with jax.set_mesh(restored.mesh_run.mesh):
         evaluator = runner.Evaluator(config, restored.task, restored.mesh_run, eval_settings)
         results, details = evaluator(restored.state)

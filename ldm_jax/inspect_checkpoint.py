@@ -34,6 +34,7 @@ def digest(state) -> tuple[str, int, int]:
 def run(args) -> dict:
     import jax
 
+    from ldm_jax import runtime
     from ldm_jax.errors import UserError
     from ldm_jax.parallel import distributed
     from ldm_jax.parallel import mesh as mesh_lib
@@ -42,6 +43,7 @@ def run(args) -> dict:
     distributed.initialize()
 
     def overrides(config):
+        runtime.apply_config_overrides(config, args.config_overrides)
         if args.mesh:
             try:
                 sizes = [int(v) for v in args.mesh.split(",")]
@@ -74,7 +76,7 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     from ldm_jax import runtime
 
-    p = runtime.CommandParser(description=__doc__.splitlines()[0])
+    p = runtime.CommandParser(description=__doc__.splitlines()[0], config_overrides=True)
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=-1, help="-1: the latest")
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: the run's)")

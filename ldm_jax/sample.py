@@ -27,7 +27,7 @@ from ldm_jax.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     from ldm_jax.runtime import CommandParser
 
-    p = CommandParser(description=__doc__.splitlines()[0])
+    p = CommandParser(description=__doc__.splitlines()[0], config_overrides=True)
     p.add_argument("--workdir", required=True, help="a diffusion run's workdir")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--labels", default=None, help="comma-separated class ids")
@@ -66,11 +66,14 @@ def main(argv=None) -> dict:
 
 
 def _overrides(args):
-    """The command's sampling flags written into the run's config before the task is built."""
+    """`--config.KEY=VALUE` overrides, then the command's sampling flags, written into the
+    run's config before the task is built."""
 
     def apply(config):
-        from ldm_jax.diffusion.samplers import get_sampler
+        from ldm_jax.diffusion.samplers import get_sampler, sampling_grid
+        from ldm_jax.runtime import apply_config_overrides
 
+        apply_config_overrides(config, args.config_overrides)
         sampling = config.sampling
         for key, value in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)):
             if value is not None:
@@ -83,6 +86,10 @@ def _overrides(args):
             raise UserError(f"--sampler: {e}") from None
         if sampling.sampler != "ddpm" and int(sampling.steps) < 1:
             raise UserError(f"--steps {sampling.steps}: sample with at least 1 step.")
+        try:  # a step count the sampler's grid cannot take fails before any work
+            sampling_grid(sampling, int(config.diffusion.timesteps))
+        except ValueError as e:
+            raise UserError(f"--steps {sampling.steps}: {e}") from None
 
     return apply
 

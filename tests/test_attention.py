@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import perturb
 
 from ldm_jax.models import attention as attn_lib
 from ldm_jax.models.attention import (
@@ -117,17 +118,6 @@ def test_auto_resolution_and_bad_impl():
         attention(q, q, q, impl="flash")
 
 
-def _perturb(params, scale=0.3, seed=1):
-    """Random values on every leaf, so zero-initialised layers stop hiding paths.
-
-    numpy draws: eager jax.random would compile one program per leaf shape.
-    """
-    rng = np.random.default_rng(seed)
-    leaves, tree = jax.tree.flatten(params)
-    new = [np.asarray(p) + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return jax.tree.unflatten(tree, new)
-
-
 def test_cross_attention_self_and_closed_form():
     x = jax.random.normal(jax.random.key(0), (2, 5, 12))
     ctx = jax.random.normal(jax.random.key(1), (2, 3, 7))
@@ -152,7 +142,7 @@ def test_cross_attention_self_and_closed_form():
 def test_geglu_feed_forward_closed_form():
     x = jax.random.normal(jax.random.key(0), (2, 3, 6))
     m = FeedForward()
-    p = _perturb(nn.unbox(jax.jit(m.init)(jax.random.key(1), x)["params"]))
+    p = perturb(nn.unbox(jax.jit(m.init)(jax.random.key(1), x)["params"]), scale=0.3, seed=1)
     assert p["net_0_proj"]["kernel"].shape == (6, 48) and p["net_2"]["kernel"].shape == (24, 6)
     h = np.asarray(x, np.float64) @ p["net_0_proj"]["kernel"] + p["net_0_proj"]["bias"]
     a, gate = h[..., :24], h[..., 24:]
@@ -188,7 +178,7 @@ def test_spatial_transformer_identity_at_init(use_linear):
     assert not np.any(p["proj_out"]["kernel"]) and not np.any(p["proj_out"]["bias"])
     np.testing.assert_array_equal(apply({"params": p}, x, ctx), x)
     # Once proj_out is non-zero the block does something and depends on the context.
-    p2 = _perturb(p)
+    p2 = perturb(p, scale=0.3, seed=1)
     y1 = apply({"params": p2}, x, ctx)
     y2 = apply({"params": p2}, x, ctx + 1.0)
     assert y1.shape == x.shape

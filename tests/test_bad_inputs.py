@@ -87,6 +87,7 @@ def _command_cases(runs, tmp):
             [f"--workdir={ldm}", "--labels=1", "--steps=0"],
             "--steps",
         ),  # fmt: skip
+        ("sample: steps the grid cannot take", *sample("--labels=1", "--steps=3"), "--steps 3"),
         ("sample: steps not a number", *sample("--labels=1", "--steps=many"), "--steps"),
         ("sample: label not a number", *sample("--labels=seven"), "seven"),
         ("sample: label out of range", *sample("--labels=3,10"), "class id 10"),
@@ -113,7 +114,22 @@ def _command_cases(runs, tmp):
             "--num_per_condition",
         ),  # fmt: skip
         ("sample: unknown flag", *sample("--labels=1", "--bogus"), "--bogus"),
+        (
+            "sample: unknown config key",
+            *sample("--labels=1", "--config.sampling.etta=0.5"),
+            "etta",
+        ),  # fmt: skip
+        (
+            "sample: config value of another type",
+            *sample("--labels=1", "--config.sampling.steps=many"),
+            "sampling.steps",
+        ),  # fmt: skip
         ("evaluate: unknown metric", *evaluate("--metric=kid"), "kid"),
+        (
+            "evaluate: unknown evaluation key",
+            *evaluate("--metric=accuracy", "--config.evaluation.samples=3"),
+            "evaluation.samples",
+        ),  # fmt: skip
         ("evaluate: autoencoder metric on a diffusion run", *evaluate("--metric=rfid"), "rfid"),
         (
             "evaluate: diffusion metric on an autoencoder run",
@@ -137,6 +153,11 @@ def _command_cases(runs, tmp):
             "ldm_jax.evaluate",
             [f"--workdir={missing}", "--metric=fid"],
             "no_such_run",
+        ),  # fmt: skip
+        (
+            "export: takes no config overrides",
+            *export("--layout=ldm_jax", f"--out={tmp / 'w.safetensors'}", "--config.seed=1"),
+            "--config.seed",
         ),  # fmt: skip
         ("export: unknown layout", *export("--layout=onnx", f"--out={tmp / 'e'}"), "onnx"),
         ("export: output exists", *export("--layout=ldm_jax", f"--out={a_file}"), "exists"),
@@ -229,4 +250,5 @@ def test_every_command_refuses_bad_input_in_one_line(runs, data_dir, tmp_path, c
     assert len(cases) + len(train) >= 30
     assert {k: listing(runs[k]) for k in ("ldm", "ae")} == before
     assert runs["file"].read_text() == file_text
-    assert not any((tmp_path / n).exists() for n in ("i", "e", "d", "w.bin", "a.safetensors"))
+    written = ("i", "e", "d", "w.bin", "a.safetensors", "w.safetensors")
+    assert not any((tmp_path / n).exists() for n in written)

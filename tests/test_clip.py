@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_identical, numpy_state
 
 from ldm_jax.errors import UserError
 from ldm_jax.interop.clip_weights import (
@@ -56,14 +57,10 @@ def _torch_clip(act: str):
     return config, model
 
 
-def _numpy_state(model) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
 def torch_model(request):
     config, model = _torch_clip(request.param)
-    return config, model, _numpy_state(model)
+    return config, model, numpy_state(model)
 
 
 def _tokens(batch=2, length=TINY["max_position_embeddings"]):
@@ -131,21 +128,13 @@ def _fuse_open_clip(state: dict, num_layers: int) -> dict:
     return {PREFIX + k: v for k, v in out.items()} | {"model.diffusion_model.x": np.zeros(1)}
 
 
-def _assert_trees_identical(a, b):
-    fa, fb = (jax.tree_util.tree_leaves_with_path(t) for t in (a, b))
-    assert [p for p, _ in fa] == [p for p, _ in fb]
-    for (path, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype == jnp.float32, path
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
-
-
 @pytest.mark.parametrize("output", ["last", "penultimate"])
 def test_open_clip_naming_converts_identically(torch_model, output):
     config, _, state = torch_model
     module = clip_from_hf_config(config.to_dict(), output=output)
     open_clip_state = _fuse_open_clip(state, TINY["num_hidden_layers"])
     from_open_clip = convert_open_clip(open_clip_state, module, prefix=PREFIX)
-    _assert_trees_identical(from_open_clip, convert_hf_clip(state, module))
+    assert_trees_identical(from_open_clip, convert_hf_clip(state, module), dtype=np.float32)
 
 
 def test_fused_in_proj_order_is_torch_multihead_attention():
@@ -180,18 +169,22 @@ def test_export_round_trip_is_exact(torch_model):
     # Files (diffusers text_encoder, SD 1.x CompVis) keep the prefix; both read the same.
     on_disk = export_hf_clip(params)
     assert on_disk.keys() == {"text_model." + k for k in state}
-    _assert_trees_identical(convert_hf_clip(on_disk, module), params)
+    assert_trees_identical(convert_hf_clip(on_disk, module), params, dtype=np.float32)
     compvis = {"cond_stage_model.transformer." + k: v for k, v in on_disk.items()}
     compvis["model.diffusion_model.out.0.weight"] = np.zeros(4, np.float32)  # not ours
     prefix = "cond_stage_model.transformer.text_model."
-    _assert_trees_identical(convert_hf_clip(compvis, module, prefix=prefix), params)
+    assert_trees_identical(
+        convert_hf_clip(compvis, module, prefix=prefix), params, dtype=np.float32
+    )
     # A penultimate model exports diffusers' SD 2 layout: one layer fewer, loadable as "last".
     pen = clip_from_hf_config(config.to_dict(), output="penultimate")
     pen_state = export_hf_clip(convert_hf_clip(state, pen), prefix="")
     last_layer = f"encoder.layers.{TINY['num_hidden_layers'] - 1}."
     assert pen_state.keys() == {k for k in state if not k.startswith(last_layer)}
     shorter = clip_from_hf_config({**config.to_dict(), "num_hidden_layers": 2})
-    _assert_trees_identical(convert_hf_clip(pen_state, shorter), convert_hf_clip(state, pen))
+    assert_trees_identical(
+        convert_hf_clip(pen_state, shorter), convert_hf_clip(state, pen), dtype=np.float32
+    )
 
 
 def test_shape_mismatch_and_bad_names_are_clear_errors(torch_model):

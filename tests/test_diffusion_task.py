@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy import EVAL_METRICS, LDM_CONFIG, eval_settings, run_module
+from toy import EVAL_METRICS, LDM_CONFIG, eval_settings, run_module, tiny_diffusion_config
 
 from ldm_jax.training.diffusion import ema_decay
 
@@ -78,13 +78,10 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir):
 
     from flax import linen as nn
 
-    from ldm_jax.config_loader import load_config
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training.diffusion import DiffusionTask
 
-    config = load_config(CONFIG, lock=False)
-    config.first_stage.workdir = str(tiny_autoencoder_run[0])
-    config.batch_size = 8
+    config = tiny_diffusion_config(tiny_autoencoder_run[0], batch_size=8)
     task = DiffusionTask(config)
     frozen = task.frozen_params()
     state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))
@@ -121,12 +118,9 @@ def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
     (with the concat condition doubled alongside the batch) run."""
     from flax import linen as nn
 
-    from ldm_jax.config_loader import load_config
     from ldm_jax.training.diffusion import DiffusionTask
 
-    config = load_config(CONFIG, lock=False)
-    config.first_stage.workdir = str(tiny_autoencoder_run[0])
-    config.conditioning_key = "hybrid"
+    config = tiny_diffusion_config(tiny_autoencoder_run[0], conditioning_key="hybrid")
     task = DiffusionTask(config)
     assert task.unet.in_channels == 3 + 3 and task.unet.context_dim == config.cond.embed_dim
     frozen = task.frozen_params()

@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import assert_trees_identical, perturbed_reference, torch_with_diffusers
 
 from ldm_jax.errors import UserError
 from ldm_jax.interop.diffusers_config import unet_config_from_diffusers
@@ -71,25 +72,6 @@ SD_UNETS = {
 }  # fmt: skip
 
 
-def _torch():
-    torch = pytest.importorskip("torch", reason="test-only reference: pip install torch==2.13.0")
-    pytest.importorskip("diffusers", reason="test-only reference: pip install diffusers==0.42.1")
-    return torch
-
-
-def _numpy_state(module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def _assert_trees_identical(a, b) -> None:
-    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
-    assert fa.keys() == fb.keys()
-    for path in fa:
-        x, y = np.asarray(fa[path]), np.asarray(fb[path])
-        assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert np.array_equal(x, y), path  # bit-identical (no NaNs in these weights)
-
-
 def _assert_states_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -100,16 +82,12 @@ def _assert_states_identical(a: dict, b: dict) -> None:
 @functools.cache
 def _tiny_reference(variant: str):
     """(variant, diffusers UNet with every parameter perturbed, its numpy state, ldm model)."""
-    torch = _torch()
+    torch_with_diffusers()
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(sample_size=8, **TINY[variant]).eval()
-    with torch.no_grad():  # random weights everywhere, so zero-inits hide no mapping error
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    ref, state = perturbed_reference(lambda: UNet2DConditionModel(sample_size=8, **TINY[variant]))
     model = unet_configs.from_config(unet_config_from_diffusers(dict(ref.config)))
-    return variant, ref, _numpy_state(ref), model
+    return variant, ref, state, model
 
 
 @pytest.fixture(params=sorted(TINY))
@@ -118,7 +96,7 @@ def tiny(request):
 
 
 def test_unet_matches_diffusers(tiny):
-    torch = _torch()
+    torch = torch_with_diffusers()
     variant, ref, state, model = tiny
     heads = dict(num_heads=8) if variant == "sd1-like" else dict(num_head_channels=16)
     assert {k: getattr(model, k) for k in heads} == heads
@@ -145,7 +123,7 @@ def test_unet_matches_diffusers(tiny):
 
 
 def test_unet_compvis_layout_and_round_trips(tiny, tmp_path):
-    torch = _torch()
+    torch = torch_with_diffusers()
     variant, _, state, model = tiny
     direct = unet_from_diffusers(state, model)
     compvis = unet_to_compvis(direct, model)
@@ -165,7 +143,7 @@ def test_unet_compvis_layout_and_round_trips(tiny, tmp_path):
     }
     assert {k: compvis[p + k].shape for k in expected} == expected
     # Every tensor keeps its value: diffusers -> CompVis -> ldm_jax == diffusers -> ldm_jax.
-    _assert_trees_identical(unet_from_compvis(compvis, model)["params"], direct["params"])
+    assert_trees_identical(unet_from_compvis(compvis, model)["params"], direct["params"])
     # torch-side round trips reproduce the state dicts bit for bit.
     _assert_states_identical(unet_to_diffusers(direct, model), state)
     _assert_states_identical(unet_to_compvis(unet_from_compvis(compvis, model), model), compvis)
@@ -178,7 +156,7 @@ def test_unet_compvis_layout_and_round_trips(tiny, tmp_path):
         (unet_to_diffusers, unet_from_diffusers),
         (unet_to_compvis, unet_from_compvis),
     ):
-        _assert_trees_identical(from_torch(to_torch(boxed, model), model)["params"], own["params"])
+        assert_trees_identical(from_torch(to_torch(boxed, model), model)["params"], own["params"])
 
     # A single-file SD checkpoint: UNet next to VAE, text encoder and schedule buffers.
     others = {
@@ -189,7 +167,7 @@ def test_unet_compvis_layout_and_round_trips(tiny, tmp_path):
     path = tmp_path / "sd.safetensors"
     save_safetensors(path, {**compvis, **others})
     from_file = unet_from_compvis(load_state_dict(path), model)
-    _assert_trees_identical(from_file["params"], direct["params"])
+    assert_trees_identical(from_file["params"], direct["params"])
     assert load_safetensors(path, prefix=p).keys() == compvis.keys()
 
     # A Lightning-style bf16 .ckpt: {'state_dict': ...}, read with weights_only=True.
@@ -204,7 +182,7 @@ def test_unet_compvis_layout_and_round_trips(tiny, tmp_path):
     loaded = load_state_dict(tmp_path / "sd.ckpt")
     _assert_states_identical(loaded, bf16)
     want = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), own)
-    _assert_trees_identical(unet_from_compvis(loaded, model)["params"], want["params"])
+    assert_trees_identical(unet_from_compvis(loaded, model)["params"], want["params"])
 
 
 def _zero_stride(shape) -> np.ndarray:
@@ -213,7 +191,7 @@ def _zero_stride(shape) -> np.ndarray:
 
 @pytest.mark.parametrize("name", sorted(SD_UNETS))
 def test_full_size_sd_unet_conversion_is_shape_exact(name):
-    torch = _torch()
+    torch = torch_with_diffusers()
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # shapes without weights
@@ -314,7 +292,7 @@ def test_unet_config_rejects_what_ldm_jax_cannot_express():
 def test_class_conditional_scale_shift_unet_names_match_diffusers():
     # Names and shapes only (no forward pass): class_embedding <-> label_emb and the
     # doubled time_emb_proj of resnet_time_scale_shift="scale_shift".
-    torch = _torch()
+    torch = torch_with_diffusers()
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -370,7 +348,7 @@ def test_weight_file_errors(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable safetensors file"):
         load_state_dict(tmp_path / "broken.safetensors")
-    torch = _torch()
+    torch = torch_with_diffusers()
     torch.save({"state_dict": {"w": torch.ones(2)}, "callback": _NotATensor()}, tmp_path / "x.ckpt")
     with pytest.raises(UserError, match="weights_only"):
         load_state_dict(tmp_path / "x.ckpt")

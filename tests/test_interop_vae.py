@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import assert_trees_identical, perturbed_reference, torch_with_diffusers
 
 from ldm_jax.config_loader import load_config
 from ldm_jax.errors import UserError
@@ -34,12 +35,6 @@ SD_VAE = dict(
 )
 
 
-def _torch():
-    torch = pytest.importorskip("torch", reason="test-only reference: pip install torch==2.13.0")
-    pytest.importorskip("diffusers", reason="test-only reference: pip install diffusers==0.42.1")
-    return torch
-
-
 def _diffusers_vae(**config):
     from diffusers import AutoencoderKL
 
@@ -51,29 +46,15 @@ def _diffusers_vae(**config):
     )
 
 
-def _assert_trees_identical(a, b) -> None:
-    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
-    assert fa.keys() == fb.keys()
-    for path in fa:
-        x, y = np.asarray(fa[path]), np.asarray(fb[path])
-        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), path
-
-
 @functools.cache
 def _tiny_reference():
     """(diffusers AutoencoderKL with every parameter perturbed, its numpy state, ldm model)."""
-    torch = _torch()
-    torch.manual_seed(0)
-    ref = _diffusers_vae(**TINY).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    ref, state = perturbed_reference(lambda: _diffusers_vae(**TINY))
     return ref, state, autoencoder.from_config(vae_config_from_diffusers(dict(ref.config)))
 
 
 def test_vae_matches_diffusers():
-    torch = _torch()
+    torch = torch_with_diffusers()
     ref, state, model = _tiny_reference()
     params = vae_from_diffusers(state, model)
     rng = np.random.default_rng(0)
@@ -111,7 +92,7 @@ def test_vae_reads_older_diffusers_attention_names():
         legacy[name] = value
     assert "encoder.mid_block.attentions.0.query.weight" in legacy
     direct = vae_from_diffusers(state, model)["params"]
-    _assert_trees_identical(vae_from_diffusers(legacy, model)["params"], direct)
+    assert_trees_identical(vae_from_diffusers(legacy, model)["params"], direct)
     both = {
         **legacy,
         "decoder.mid_block.attentions.0.to_q.weight": state[
@@ -142,7 +123,7 @@ def test_vae_compvis_layout_and_round_trips(tmp_path):
     # CompVis numbers decoder levels by resolution, diffusers deepest first.
     up0 = state["decoder.up_blocks.1.resnets.1.conv2.weight"]
     np.testing.assert_array_equal(compvis[p + "decoder.up.0.block.1.conv2.weight"], up0)
-    _assert_trees_identical(vae_from_compvis(compvis, model)["params"], direct["params"])
+    assert_trees_identical(vae_from_compvis(compvis, model)["params"], direct["params"])
 
     back = vae_to_diffusers(direct, model)
     assert back.keys() == state.keys()
@@ -154,7 +135,7 @@ def test_vae_compvis_layout_and_round_trips(tmp_path):
         (vae_to_diffusers, vae_from_diffusers),
         (vae_to_compvis, vae_from_compvis),
     ):
-        _assert_trees_identical(from_torch(to_torch(boxed, model), model)["params"], own["params"])
+        assert_trees_identical(from_torch(to_torch(boxed, model), model)["params"], own["params"])
 
     # A bare CompVis autoencoder file: no prefix, and the training loss beside the model.
     bare = vae_to_compvis(own, model, prefix="")
@@ -164,13 +145,13 @@ def test_vae_compvis_layout_and_round_trips(tmp_path):
     }
     save_safetensors(tmp_path / "kl.safetensors", {**bare, **loss})
     from_file = vae_from_compvis(load_state_dict(tmp_path / "kl.safetensors"), model, prefix="")
-    _assert_trees_identical(from_file["params"], own["params"])
+    assert_trees_identical(from_file["params"], own["params"])
     # Half precision on disk: exact for values that fp16 holds.
     half = vae_to_diffusers(own, model, dtype=np.float16)
     save_safetensors(tmp_path / "vae.safetensors", half)
     want = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), own)
     got = vae_from_diffusers(load_state_dict(tmp_path / "vae.safetensors"), model)
-    _assert_trees_identical(got["params"], want["params"])
+    assert_trees_identical(got["params"], want["params"])
 
 
 def test_vq_model_compvis_round_trip():
@@ -185,13 +166,13 @@ def test_vq_model_compvis_round_trip():
     compvis = vae_to_compvis(own, model, prefix="")
     assert compvis["quantize.embedding.weight"].shape == (16, 4)
     assert compvis["encoder.down.0.attn.0.q.weight"].shape == (32, 32, 1, 1)
-    _assert_trees_identical(vae_from_compvis(compvis, model, prefix="")["params"], own["params"])
+    assert_trees_identical(vae_from_compvis(compvis, model, prefix="")["params"], own["params"])
     with pytest.raises(UserError, match="needs an AutoencoderKL"):
         vae_to_diffusers(own, model)
 
 
 def test_full_size_sd_vae_conversion_is_shape_exact():
-    torch = _torch()
+    torch = torch_with_diffusers()
     with torch.device("meta"):
         ref = _diffusers_vae(**SD_VAE)
     derived = vae_config_from_diffusers(dict(ref.config))

@@ -6,27 +6,24 @@ import json
 import jax
 import numpy as np
 import pytest
+from toy import tiny_diffusion_config
 
-from ldm_jax.config_loader import load_config
 from ldm_jax.data import open_source
 from ldm_jax.errors import UserError
 from ldm_jax.training.loop import Trainer
 
-CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
-
 
 def _config(ae_workdir, data_dir, cache, **overrides):
-    c = load_config(CONFIG, lock=False)
-    c.first_stage.workdir = str(ae_workdir)
-    c.data.data_dir = data_dir
-    c.latent_cache.enabled = True
-    c.latent_cache.dir = str(cache)
-    c.latent_cache.batch_size = 256  # 1,536 train digits: 6 batches over 8 fake devices
-    c.batch_size = c.train.eval_batch_size = 8
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        c[section][name] = value
-    return c
+    return tiny_diffusion_config(
+        ae_workdir,
+        data_dir,
+        latent_cache__enabled=True,
+        latent_cache__dir=str(cache),
+        latent_cache__batch_size=256,  # 1,536 train digits: 6 batches over 8 fake devices
+        batch_size=8,
+        train__eval_batch_size=8,
+        **overrides,
+    )
 
 
 def _build(config, workdir):

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from toy import tiny_autoencoder_config
+from toy import tiny_autoencoder_config, tiny_diffusion_config
 
-from ldm_jax.config_loader import load_config
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 
@@ -66,10 +65,7 @@ def tasks(tiny_autoencoder_run):
     from ldm_jax.training.diffusion import DiffusionTask
 
     ae = AutoencoderTask(tiny_autoencoder_config(batch_size=8))
-    c = load_config("configs/diffusion/quickstart_digits.py:runlocal", lock=False)
-    c.first_stage.workdir = str(tiny_autoencoder_run[0])
-    c.batch_size = 8
-    ldm = DiffusionTask(c)
+    ldm = DiffusionTask(tiny_diffusion_config(tiny_autoencoder_run[0], batch_size=8))
     return {"ae": (ae, ae.frozen_params()), "ldm": (ldm, ldm.frozen_params())}
 
 

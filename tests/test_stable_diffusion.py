@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from helpers import assert_trees_identical
 
 from ldm_jax.errors import UserError
 from ldm_jax.interop import clip_weights, tensor_files, unet_weights, vae_weights
@@ -76,11 +77,6 @@ def sd_file(tmp_path_factory):
     return path, yaml_path, params
 
 
-def _same(a, b) -> bool:
-    pairs = jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))
-    return len(pairs) > 0 and all(pairs)
-
-
 @pytest.fixture(scope="module")
 def imported(sd_file, tmp_path_factory):
     from ldm_jax import import_sd
@@ -99,10 +95,10 @@ def test_import_gives_a_run_with_the_files_weights(sd_file, imported):
     config, task, state, step = load_run(imported, stage="diffusion")
     assert step == 0 and config.cond.kind == "clip" and config.diffusion.parameterization == "eps"
     assert config.model.num_heads == 2 and config.model.num_head_channels == -1
-    assert _same(jax.device_get(state.ema_params), params["unet"])
-    assert _same(jax.device_get(state.params["unet"]), params["unet"])
-    assert _same(jax.device_get(task.first_stage.load_params()), params["vae"])
-    assert _same(task.cond.frozen_params()["text_encoder"], params["clip"])
+    assert_trees_identical(jax.device_get(state.ema_params), params["unet"])
+    assert_trees_identical(jax.device_get(state.params["unet"]), params["unet"])
+    assert_trees_identical(jax.device_get(task.first_stage.load_params()), params["vae"])
+    assert_trees_identical(task.cond.frozen_params()["text_encoder"], params["clip"])
     assert float(state.scale_factor) == pytest.approx(0.18215)
 
 
@@ -190,7 +186,7 @@ def test_export_imports_back_to_identical_arrays(imported, sd_file, tmp_path, la
         assert model.parameterization == "eps" and model.scale_factor == pytest.approx(0.18215)
         assert model.clip == {**CLIP, "layer_norm_eps": 1e-5} or model.clip == CLIP
     for part in ("unet", "vae", "clip"):
-        assert _same(got[part], params[part]), part
+        assert_trees_identical(got[part], params[part])
 
 
 def test_bad_inputs_are_clear_errors(sd_file, imported, tmp_path):
@@ -293,9 +289,9 @@ def test_sd2_style_single_file(tmp_path):
     config, task, state, _ = load_run(workdir)
     assert config.diffusion.parameterization == "v" and config.cond.tokenizer == "sd2"
     assert dict(config.cond.clip)["output"] == "penultimate" and config.model.num_heads == -1
-    assert _same(jax.device_get(state.ema_params), unet)
+    assert_trees_identical(jax.device_get(state.ema_params), unet)
     expected_text = {k: v for k, v in text.items() if k != "layers_2"}  # the skipped block
-    assert _same(task.cond.frozen_params()["text_encoder"], expected_text)
+    assert_trees_identical(task.cond.frozen_params()["text_encoder"], expected_text)
     _pipeline_agrees(workdir, tmp_path, "sd2")
     # The export's tokenizer/ is transformers' own save_pretrained (pad token in
     # tokenizer_config.json, no special_tokens_map.json): imported back, it pads as SD 2.
@@ -364,7 +360,7 @@ def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
     assert moved(after.params["unet"], before.params["unet"]) > 1e-5
     assert moved(after.ema_params, before.ema_params) > 0
     text = tensor_files.load_params(run / "text_encoder.safetensors")
-    assert _same(text, tensor_files.load_params(imported / "text_encoder.safetensors"))
+    assert_trees_identical(text, tensor_files.load_params(imported / "text_encoder.safetensors"))
     # The step-2 checkpoint stores the fine-tune's settings: resuming needs only the step.
     spec = f"--config=configs/from_run.py:{run}"
     run_module("ldm_jax.train", spec, f"--workdir={run}", "--config.train.num_steps=3")

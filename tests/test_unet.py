@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import perturb
 from jax.sharding import AxisType
 
 from ldm_jax.models.unet import (
@@ -37,17 +38,6 @@ TINY = dict(
     in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
     attention_resolutions=(2,), num_heads=2, use_spatial_transformer=True, context_dim=16,
 )  # fmt: skip
-
-
-def _perturb(params, scale=0.05, seed=1):
-    """Random values on every leaf, so zero-initialised layers stop hiding paths.
-
-    numpy draws: eager jax.random would compile one program per leaf shape.
-    """
-    rng = np.random.default_rng(seed)
-    leaves, tree = jax.tree.flatten(params)
-    new = [np.asarray(p) + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return jax.tree.unflatten(tree, new)
 
 
 def _inputs(m, b=2, size=8, ctx_len=3, seed=0):
@@ -190,7 +180,7 @@ def test_resblock_embedding_paths_closed_form(scale_shift):
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
     emb = jax.random.normal(jax.random.key(1), (2, 12))
     m = UNetResBlock(16, use_scale_shift_norm=scale_shift, norm_groups=4)
-    p = _perturb(nn.unbox(jax.jit(m.init)(jax.random.key(2), x, emb)["params"]), scale=0.3)
+    p = perturb(nn.unbox(jax.jit(m.init)(jax.random.key(2), x, emb)["params"]), scale=0.3, seed=1)
     n_emb = 32 if scale_shift else 16
     assert p["emb_layers_1"]["kernel"].shape == (12, n_emb)
     # A constant emb projection (zero kernel) is the same as folding it into other params.
@@ -228,7 +218,7 @@ def test_attention_block_legacy_qkv_order():
     b, hh, ww, c, heads = 2, 3, 2, 8, 2
     x = jax.random.normal(jax.random.key(0), (b, hh, ww, c))
     m = AttentionBlock(heads, norm_groups=4)
-    p = _perturb(nn.unbox(jax.jit(m.init)(jax.random.key(1), x)["params"]), scale=0.3)
+    p = perturb(nn.unbox(jax.jit(m.init)(jax.random.key(1), x)["params"]), scale=0.3, seed=1)
     assert p["qkv"]["kernel"].shape == (1, c, 3 * c)
     xs = np.asarray(x, np.float64).reshape(b, hh * ww, c)  # [B, T, C]
     g = xs.reshape(b, hh * ww, 4, c // 4)
@@ -248,7 +238,9 @@ def test_attention_block_legacy_qkv_order():
 def _random_params(m, *args, **kwargs):
     """Random params of the right shapes without running (or compiling) init."""
     shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), *args, **kwargs))["params"]
-    return _perturb(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.unbox(shapes)))
+    return perturb(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.unbox(shapes)), scale=0.05, seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +259,7 @@ def test_zero_output_at_init(tiny):
 
 def test_tiny_jit_forward_larger_latents_and_grad(tiny):
     m, params, _ = tiny
-    p = _perturb(params)
+    p = perturb(params, scale=0.05, seed=1)
     # Convolutional sampling: params initialised at 16x16 run on 24x24 latents.
     x24, t, ctx = _inputs(m, size=24)
     y = jax.jit(lambda p, x, t, c: m.apply({"params": p}, x, t, c))(p, x24, t, ctx)
@@ -350,7 +342,7 @@ def test_remat_keeps_params_and_gradients(tiny, remat):
     import dataclasses
 
     m, params, _ = tiny
-    p = _perturb(params)
+    p = perturb(params, scale=0.05, seed=1)
     x, t, ctx = _inputs(m, size=16)
     r = dataclasses.replace(m, remat=remat)
     assert jax.tree.structure(_random_params(r, x, t, ctx)) == jax.tree.structure(p)
@@ -372,7 +364,7 @@ def test_bf16_compute_keeps_fp32_master_weights(tiny):
     import dataclasses
 
     m, params, _ = tiny
-    p = _perturb(params)
+    p = perturb(params, scale=0.05, seed=1)
     x, t, ctx = _inputs(m, size=16)
     b = dataclasses.replace(m, dtype=jnp.bfloat16)
     shapes = jax.eval_shape(lambda: b.init(jax.random.key(0), x, t, ctx))["params"]

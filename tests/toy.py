@@ -32,6 +32,27 @@ def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_siz
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AE_CONFIG = "configs/autoencoder/quickstart.py:runlocal"
 LDM_CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
+
+
+def tiny_diffusion_config(ae_workdir, data_dir=None, **overrides):
+    """LDM_CONFIG on the tiny autoencoder in `ae_workdir` (e.g. conftest.tiny_autoencoder_run).
+
+    Each override `section__name=value` sets config.section.name; a key without `__` sets
+    a top-level field (e.g. `batch_size=8`, a multiple of the 8 test devices).
+    """
+    c = load_config(LDM_CONFIG, lock=False)
+    c.first_stage.workdir = str(ae_workdir)
+    if data_dir is not None:
+        c.data.data_dir = data_dir
+    for key, value in overrides.items():
+        *sections, name = key.split("__")
+        node = c
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return c
+
+
 # The sample metrics of the session's tiny diffusion run (conftest.diffusion_run).
 EVAL_METRICS = ("accuracy", "digits_is", "fid", "is", "precision_recall")
 

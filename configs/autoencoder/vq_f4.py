@@ -23,11 +23,5 @@ def get_config(arg=None):
     c.loss.disc_weight = 0.75
     c.loss.disc_num_layers = 3
     c.batch_size = 8
-    c.data.name = "imagenet2012"
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    if args.runlocal:
-        common.shrink_autoencoder(c)
-        c.data.name = "photo_crops"
-        c.data.eval_split = "test"
+    common.paper_autoencoder_data(c, args.runlocal)
     return c

@@ -76,7 +76,7 @@ def provenance(config, first_stage) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "autoencoder_checkpoint": str(first_stage.path),
-        "autoencoder_kind": first_stage.kind,
+        "autoencoder_kind": first_stage.regularizer,
         "dataset": d.name,
         "data_dir": resolve_data_dir(d.data_dir),
         "split": d.train_split,

@@ -53,19 +53,22 @@ class AutoencoderTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.model = ae_models.from_config(config.model)
-        self.kind = config.model.type
-        lc = config.loss
+        self.regularizer = config.model.type  # "kl" or "vq"
+        loss_cfg = config.loss
         self.disc = NLayerDiscriminator(
-            input_nc=lc.disc_in_channels, ndf=lc.disc_ndf, n_layers=lc.disc_num_layers
+            input_nc=loss_cfg.disc_in_channels,
+            ndf=loss_cfg.disc_ndf,
+            n_layers=loss_cfg.disc_num_layers,
         )
-        self.disc_loss = ae_losses.disc_loss_fn(lc.disc_loss)
+        self.disc_loss = ae_losses.disc_loss_fn(loss_cfg.disc_loss)
         lr = config.optim.base_learning_rate
         if config.optim.scale_lr:
             lr *= config.batch_size
         self.learning_rate = lr
-        oc = config.optim
-        self.gen_tx = optax.adam(lr * oc.lr_g_factor, b1=oc.b1, b2=oc.b2, eps=oc.eps)
-        self.disc_tx = optax.adam(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps)
+        optim = config.optim
+        adam = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps)
+        self.gen_tx = optax.adam(lr * optim.lr_g_factor, **adam)
+        self.disc_tx = optax.adam(lr, **adam)
 
     def validate(self) -> None:
         super().validate()
@@ -134,17 +137,14 @@ class AutoencoderTask(Task):
 
         Returns (grads, recon, metrics); recon [B, H, W, 3] feeds the discriminator.
         """
-        lc = self.config.loss
+        loss_cfg = self.config.loss
         r_sample, r_drop = jax.random.split(rng)
-        factor = ae_losses.disc_factor(state.step, disc_start=lc.disc_start, factor=lc.disc_factor)
-        reg_weight = lc.kl_weight if self.kind == "kl" else lc.codebook_weight
-
-        specs = self.state_specs
-        gather_model = functools.partial(
-            mesh_lib.gather_for_compute, logical_specs=specs.gen_params["model"]
+        factor = ae_losses.disc_factor(
+            state.step, disc_start=loss_cfg.disc_start, factor=loss_cfg.disc_factor
         )
-        gather_disc = functools.partial(
-            mesh_lib.gather_for_compute, logical_specs=specs.disc_params
+        reg_weight = loss_cfg.kl_weight if self.regularizer == "kl" else loss_cfg.codebook_weight
+        gather_model = functools.partial(
+            mesh_lib.gather_for_compute, logical_specs=self.state_specs.gen_params["model"]
         )
 
         def ae_forward(model_params):
@@ -160,43 +160,23 @@ class AutoencoderTask(Task):
         (recon, reg_loss), ae_vjp, (hidden, model_metrics) = jax.vjp(
             ae_forward, model_params, has_aux=True
         )
-
-        def nll_head(recon, logvar):
-            if lc.perceptual_weight:
-                perceptual = lpips_lib.lpips_distance(frozen["lpips"], x, recon)
-            else:  # LPIPS off: skip the VGG16 pass entirely
-                perceptual = jnp.zeros((x.shape[0],), x.dtype)
-            return ae_losses.reconstruction_nll(
-                x, recon, perceptual, logvar, perceptual_weight=lc.perceptual_weight, kind=self.kind
-            )
-
         logvar = state.gen_params["logvar"]
-        nll, nll_vjp, nll_metrics = jax.vjp(nll_head, recon, logvar, has_aux=True)
-        d_nll_recon, d_nll_logvar = nll_vjp(jnp.ones_like(nll))
-
-        def adv_head(recon):
-            logits, _ = self.disc.apply(
-                {"params": gather_disc(state.disc_params), "batch_stats": state.disc_stats},
-                recon,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return ae_losses.generator_adv_loss(logits)
-
-        g_loss, adv_vjp = jax.vjp(adv_head, recon)
-        (d_adv_recon,) = adv_vjp(jnp.ones_like(g_loss))
+        nll, d_nll_recon, d_nll_logvar, nll_metrics = self._nll_cotangents(x, recon, logvar, frozen)
+        g_loss, d_adv_recon = self._adv_cotangent(state, recon)
 
         # Adaptive weight: the same cotangents pulled back through the decoder's last conv.
         last = _get_path(gather_model(model_params), ae_models.LAST_LAYER_PATH)
         _, conv_vjp = jax.vjp(lambda p: ae_models.apply_output_conv(p, hidden), last)
         (nll_last,) = conv_vjp(d_nll_recon)
         (adv_last,) = conv_vjp(d_adv_recon)
-        d_weight = ae_losses.adaptive_weight(nll_last["kernel"], adv_last["kernel"], lc.disc_weight)
+        d_weight = ae_losses.adaptive_weight(
+            nll_last["kernel"], adv_last["kernel"], loss_cfg.disc_weight
+        )
         adv_scale = d_weight * factor
 
         cotangent = (d_nll_recon + adv_scale * d_adv_recon, jnp.asarray(reg_weight, jnp.float32))
         (model_grads,) = ae_vjp(cotangent)
-        learn_logvar = 1.0 if lc.learn_logvar else 0.0
+        learn_logvar = 1.0 if loss_cfg.learn_logvar else 0.0
         gen_grads = {"model": model_grads, "logvar": d_nll_logvar * learn_logvar}
         gen_loss = nll + reg_weight * reg_loss + adv_scale * g_loss
         metrics = {
@@ -210,6 +190,41 @@ class AutoencoderTask(Task):
             **model_metrics,
         }
         return gen_grads, recon, metrics
+
+    def _nll_cotangents(self, x, recon, logvar, frozen):
+        """The NLL head (L1 + LPIPS with the logvar) and its cotangents on recon and logvar."""
+        loss_cfg = self.config.loss
+
+        def nll_head(recon, logvar):
+            if loss_cfg.perceptual_weight:
+                perceptual = lpips_lib.lpips_distance(frozen["lpips"], x, recon)
+            else:  # LPIPS off: skip the VGG16 pass entirely
+                perceptual = jnp.zeros((x.shape[0],), x.dtype)
+            return ae_losses.reconstruction_nll(
+                x, recon, perceptual, logvar, perceptual_weight=loss_cfg.perceptual_weight,
+                kind=self.regularizer,
+            )  # fmt: skip
+
+        nll, nll_vjp, nll_metrics = jax.vjp(nll_head, recon, logvar, has_aux=True)
+        d_recon, d_logvar = nll_vjp(jnp.ones_like(nll))
+        return nll, d_recon, d_logvar, nll_metrics
+
+    def _adv_cotangent(self, state, recon):
+        """The adversarial head -mean D(recon) and its cotangent on recon."""
+        disc_params = mesh_lib.gather_for_compute(state.disc_params, self.state_specs.disc_params)
+
+        def adv_head(recon):
+            logits, _ = self.disc.apply(
+                {"params": disc_params, "batch_stats": state.disc_stats},
+                recon,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return ae_losses.generator_adv_loss(logits)
+
+        g_loss, adv_vjp = jax.vjp(adv_head, recon)
+        (d_recon,) = adv_vjp(jnp.ones_like(g_loss))
+        return g_loss, d_recon
 
     def train_step(self, state: AutoencoderState, batch, rng, frozen):
         """Pure step: (state, batch, rng, frozen) -> (state, metrics)."""
@@ -266,7 +281,7 @@ class AutoencoderTask(Task):
     def reconstruct(self, state: AutoencoderState, images):
         """Deterministic reconstruction (posterior mode), clipped to [-1, 1]."""
         model_params = state.gen_params["model"]
-        if self.kind == "kl":
+        if self.regularizer == "kl":
             out = self.model.apply({"params": model_params}, images, sample_posterior=False)
         else:
             out = self.model.apply({"params": model_params}, images)

@@ -216,7 +216,7 @@ class DiffusionTask(Task):
         return z0, t, noise, objectives.q_sample(self.sched, z0, t, noise)
 
     def train_step(self, state: DiffusionState, batch, rng, frozen):
-        dc = self.config.diffusion
+        diffusion_cfg = self.config.diffusion
         rng = jax.random.fold_in(rng, state.step)
         r_enc, r_t, r_noise, r_cfg, r_drop = jax.random.split(rng, 5)
         images = batch.get("image")  # the dense condition's source (absent with a cache)
@@ -234,9 +234,9 @@ class DiffusionTask(Task):
                 mb["z0"],
                 mb["noise"],
                 mb["t"],
-                parameterization=dc.parameterization,
-                loss_type=dc.loss_type,
-                min_snr_gamma=dc.min_snr_gamma,
+                parameterization=diffusion_cfg.parameterization,
+                loss_type=diffusion_cfg.loss_type,
+                min_snr_gamma=diffusion_cfg.min_snr_gamma,
             )
             return loss
 

@@ -101,7 +101,7 @@ class FirstStage:
     def _set_model(self, model_cfg) -> None:
         self.model_cfg = ml_collections.ConfigDict(dict(model_cfg))
         self.model = ae_models.from_config(self.model_cfg)
-        self.kind = self.model_cfg.type
+        self.regularizer = self.model_cfg.type  # "kl" or "vq"
         self.factor = ae_models.downsampling_factor(self.model_cfg)
         self.latent_channels = self.model_cfg.embed_dim
 
@@ -145,19 +145,19 @@ class FirstStage:
         """images [B, H, W, 3] in [-1, 1] -> what the encoder determines, before any noise:
         KL: the posterior's moments [B, h, w, 2c] (mean, logvar); VQ: the
         pre-quantisation encoding [B, h, w, c]. This is what a latent cache stores."""
-        if self.kind == "kl":
+        if self.regularizer == "kl":
             posterior = self.model.apply({"params": params}, images, method="encode")
             return jax.lax.stop_gradient(jnp.concatenate([posterior.mean, posterior.logvar], -1))
         return jax.lax.stop_gradient(self.model.apply({"params": params}, images, method="encode"))
 
     @property
     def code_channels(self) -> int:
-        return 2 * self.latent_channels if self.kind == "kl" else self.latent_channels
+        return 2 * self.latent_channels if self.regularizer == "kl" else self.latent_channels
 
     def latents_from_codes(self, codes, rng):
         """codes -> latents [B, h, w, c] (unscaled). KL: a fresh posterior sample (the
         reference trains on samples); VQ: the codes themselves (quantised when decoding)."""
-        if self.kind == "kl":
+        if self.regularizer == "kl":
             return ae_models.DiagonalGaussian(codes).sample(rng)
         return codes
 

@@ -1,0 +1,57 @@
+"""Numeric helpers shared by tests: parameter-tree comparison and perturbation, and the
+PyTorch references (torch and diffusers are test-only; tests that need them skip without)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+
+def assert_trees_identical(a, b, *, dtype=None) -> None:
+    """The same non-empty set of paths, and at each the same dtype (`dtype` where given),
+    shape and bits."""
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert fa, "no leaves to compare"
+    assert fa.keys() == fb.keys()
+    for path in fa:
+        x, y = np.asarray(fa[path]), np.asarray(fb[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        if dtype is not None:
+            assert x.dtype == dtype, path
+        assert np.array_equal(x, y), path  # bit-identical (no NaNs in these weights)
+
+
+def perturb(params, *, scale: float, seed: int):
+    """`scale` x N(0, 1) added to every leaf, so zero-initialised layers stop hiding paths.
+
+    numpy draws: eager jax.random would compile one program per leaf shape.
+    """
+    rng = np.random.default_rng(seed)
+    leaves, tree = jax.tree.flatten(params)
+    new = [np.asarray(p) + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
+    return jax.tree.unflatten(tree, new)
+
+
+def torch_with_diffusers():
+    """torch, or a skip when torch or diffusers (the PyTorch references) is missing."""
+    torch = pytest.importorskip("torch", reason="test-only reference: pip install torch==2.13.0")
+    pytest.importorskip("diffusers", reason="test-only reference: pip install diffusers==0.42.1")
+    return torch
+
+
+def numpy_state(module) -> dict[str, np.ndarray]:
+    """A torch module's state dict as numpy copies."""
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def perturbed_reference(build):
+    """`build()` (a diffusers module) made under torch seed 0, in eval mode, with 0.1 x
+    N(0, 1) added to every parameter, so zero-initialised layers hide no mapping error;
+    returns (module, its numpy state)."""
+    torch = torch_with_diffusers()
+    torch.manual_seed(0)
+    ref = build().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ref, numpy_state(ref)

@@ -1,0 +1,56 @@
+"""One trace per run: the training loop's jitted step, its held-out evaluation and the
+evaluator's sampler are each traced once, however many steps and evaluations a run makes.
+A value that changes between calls as a Python scalar, a weak type or a new sharding
+would retrace (and recompile) every call; the jit cache would then hold several entries.
+"""
+
+import pytest
+from toy import tiny_autoencoder_config, tiny_diffusion_config
+
+from ldm_jax.training.loop import Trainer
+
+# Long enough for every periodic part of the loop to run twice: steps logged each step,
+# held-out evaluation, sample grids and checkpoints at steps 2 and 4.
+SHORT_RUN = dict(
+    num_steps=4, log_every=1, eval_every=2, image_every=2, checkpoint_every=2, progress_bar=False
+)
+
+
+def _train(config, workdir) -> Trainer:
+    config.train.update(SHORT_RUN)
+    trainer = Trainer(config, workdir)
+    result = trainer.run()
+    assert result["step"] == 4
+    return trainer
+
+
+def test_autoencoder_run_traces_its_step_and_evaluation_once(data_dir, tmp_path):
+    config = tiny_autoencoder_config()
+    config.data.data_dir = data_dir
+    trainer = _train(config, tmp_path / "run")
+    assert trainer.step_fn._cache_size() == 1
+    assert trainer._eval_means.sums._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_diffusion_run_traces_its_step_evaluation_and_sampler_once(
+    tiny_autoencoder_run, data_dir, tmp_path
+):
+    config = tiny_diffusion_config(
+        tiny_autoencoder_run[0],
+        data_dir,
+        batch_size=8,
+        train__eval_batch_size=8,
+        latent_cache__dir=str(tmp_path / "cache"),
+        evaluation__every=2,
+        evaluation__metrics=("accuracy",),
+        evaluation__num_samples=8,
+        evaluation__batch_size=8,
+        evaluation__steps=2,
+    )
+    trainer = _train(config, tmp_path / "run")
+    assert (tmp_path / "run" / "eval" / "train_step0000002.json").is_file()
+    assert (tmp_path / "run" / "eval" / "train_step0000004.json").is_file()
+    assert trainer.step_fn._cache_size() == 1
+    assert trainer._eval_means.sums._cache_size() == 1
+    assert trainer._evaluator._draw._cache_size() == 1
