@@ -26,6 +26,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
+# Session fixtures that train real runs through the CLI, in subprocesses.
+_TRAINED_RUNS = {"tiny_autoencoder_run", "diffusion_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on a trained run (directly or through another fixture) is end to end by
+    nature: it is marked slow, so that `-m "not slow"` trains none of these runs."""
+    for item in items:
+        if _TRAINED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):

@@ -8,6 +8,8 @@ import pytest
 from toy import AE_CONFIG as CONFIG
 from toy import run_module
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in a subprocess
+
 
 def run_cli(workdir, data_dir, *overrides, check=True, config=CONFIG):
     return run_module(

@@ -60,6 +60,7 @@ def test_sample_command_bad_input(diffusion_run):
     assert bad_label.returncode != 0 and "10" in bad_label.stderr
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_missing_first_stage_is_a_clear_error(tmp_path, data_dir):
     proc = run_module(
         "ldm_jax.train",

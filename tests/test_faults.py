@@ -10,12 +10,15 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import linen as nn
 from toy import AE_CONFIG, ROOT, run_module
 
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 from ldm_jax.training import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow  # real training runs, in subprocesses or on the trained run
 
 
 def _rows(workdir):

@@ -78,6 +78,7 @@ def test_save_and_load_keep_sums_and_provenance(tmp_path):
         np.testing.assert_allclose(data["sigma"], np.cov(x, rowvar=False), rtol=1e-12)
 
 
+@pytest.mark.slow  # a job of 2 processes
 def test_two_processes_combine_exactly(tmp_path):
     """Each of 2 processes streams its half (different sizes, one with padding); the
     combined statistics equal one process's over all rows in float64 (to the rounding of

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from toy import AE_CONFIG, ROOT, launch_command, launch_env, run_launched, run_module
 
+pytestmark = pytest.mark.slow  # every test runs jobs of several processes
+
 
 def _losses(workdir):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]

@@ -1,10 +1,10 @@
 """One trace per run: the training loop's jitted step, its held-out evaluation and the
 evaluator's sampler are each traced once, however many steps and evaluations a run makes.
-A value that changes between calls as a Python scalar, a weak type or a new sharding
-would retrace (and recompile) every call; the jit cache would then hold several entries.
+A static argument that changes between calls, or an input whose dtype, weak type, shape or
+sharding changes, retraces and recompiles; the function's jit cache then holds more than
+one entry.
 """
 
-import pytest
 from toy import tiny_autoencoder_config, tiny_diffusion_config
 
 from ldm_jax.training.loop import Trainer
@@ -32,7 +32,7 @@ def test_autoencoder_run_traces_its_step_and_evaluation_once(data_dir, tmp_path)
     assert trainer._eval_means.sums._cache_size() == 1
 
 
-@pytest.mark.slow
+# On the session's trained autoencoder, so marked slow (conftest).
 def test_diffusion_run_traces_its_step_evaluation_and_sampler_once(
     tiny_autoencoder_run, data_dir, tmp_path
 ):

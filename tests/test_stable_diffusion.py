@@ -77,6 +77,8 @@ def sd_file(tmp_path_factory):
     return path, yaml_path, params
 
 
+# The tests on this imported run, and the SD-2 file test, are marked slow: each imports a
+# whole SD file, and most sample it or compare with diffusers' pipelines.
 @pytest.fixture(scope="module")
 def imported(sd_file, tmp_path_factory):
     from ldm_jax import import_sd
@@ -88,6 +90,7 @@ def imported(sd_file, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_import_gives_a_run_with_the_files_weights(sd_file, imported):
     from ldm_jax.training.restore import load_run
 
@@ -155,6 +158,7 @@ def _pipeline_agrees(workdir, tmp_path, tokenizer: str, negatives=(None,)) -> No
         assert np.max(np.abs(other - results[0])) > 1e-3
 
 
+@pytest.mark.slow
 def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
     from ldm_jax import sample
 
@@ -165,6 +169,7 @@ def test_text_to_image_command_and_diffusers_pipeline_agree(imported, tmp_path):
     _pipeline_agrees(imported, tmp_path, "sd1", negatives=(None, "blurry, low quality"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["ldm_jax", "msgpack", "compvis", "diffusers"])
 def test_export_imports_back_to_identical_arrays(imported, sd_file, tmp_path, layout):
     from ldm_jax import export
@@ -189,6 +194,7 @@ def test_export_imports_back_to_identical_arrays(imported, sd_file, tmp_path, la
         assert_trees_identical(got[part], params[part])
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors(sd_file, imported, tmp_path):
     path, yaml_path, _ = sd_file
     with pytest.raises(UserError, match="exists: import into a new --workdir"):
@@ -253,6 +259,7 @@ def _open_clip_names(hf: dict, prefix: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sd2_style_single_file(tmp_path):
     """An SD-2-layout file: without its YAML, the parameterization must be given; imported,
     its weights are the file's (the unused last CLIP block skipped) and its v-prediction
@@ -323,6 +330,7 @@ def test_tokenizer_padding_of_a_diffusers_folder(tmp_path):
         sd.tokenizer_padding(tmp_path / "odd")
 
 
+@pytest.mark.slow
 def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
     """`ldm_jax.train` continues an import from its stored config (configs/from_run.py) on
     the digits captions: the UNet and its EMA move, the CLIP tower and VAE stay frozen,
@@ -368,6 +376,7 @@ def test_fine_tune_an_imported_run(imported, data_dir, tmp_path):
     assert step == 3 and config.data.name == "digits" and config.batch_size == 4
 
 
+@pytest.mark.slow
 def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
     """Image-to-image at strength 0.6 (DDIM 10 steps: the last 6, from the encoded image
     noised to their first timestep) equals diffusers' StableDiffusionImg2ImgPipeline given
@@ -399,6 +408,7 @@ def test_img2img_matches_diffusers_img2img_pipeline(imported, tmp_path):
     np.testing.assert_allclose(got, theirs, atol=1e-4)  # measured 4.2e-6
 
 
+@pytest.mark.slow
 def test_negative_prompt_and_img2img_command(imported, tmp_path, capsys):
     """--negative_prompt with --init_image/--strength: the command's images are the API's
     (the negative prompt's encoding as guidance's unconditional branch; the init image
@@ -407,7 +417,7 @@ def test_negative_prompt_and_img2img_command(imported, tmp_path, capsys):
     from PIL import Image
 
     from ldm_jax import sample
-    from ldm_jax.training import outputs
+    from ldm_jax.data import images as images_lib
     from ldm_jax.training.restore import load_run
 
     negative = "blurry, low quality"
@@ -423,7 +433,7 @@ def test_negative_prompt_and_img2img_command(imported, tmp_path, capsys):
     config, task, state, _ = load_run(imported)
     sampling = config.sampling.copy_and_resolve_references()
     sampling.update(dict(steps=4, guidance_scale=7.5))
-    image = outputs.load_image(tmp_path / "init.png", 32)
+    image = images_lib.load_image(tmp_path / "init.png", 32)
     assert image.shape == (32, 32, 3) and -1 <= image.min() and image.max() <= 1
     rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
     frozen = task.frozen_params()
@@ -431,7 +441,7 @@ def test_negative_prompt_and_img2img_command(imported, tmp_path, capsys):
                             jax.random.fold_in(rng, 1 << 20))  # fmt: skip
     encode = task.cond.encode_prompts
     want = {
-        name: outputs.to_uint8(task.sample(state, frozen, encode(["a photo of a cat"] * 2), rng,
+        name: images_lib.to_uint8(task.sample(state, frozen, encode(["a photo of a cat"] * 2), rng,
                                            sampling=sampling, uncond=un, init_latents=z0,
                                            strength=0.5))
         for name, un in (("negative", encode([negative] * 2)), ("empty", None))

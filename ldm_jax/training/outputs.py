@@ -8,8 +8,6 @@ import pathlib
 import jax
 import numpy as np
 
-from ldm_jax.data.images import image_grid, load_image, save_png, to_uint8  # noqa: F401
-
 
 class MetricWriter:
     """Scalars and images to TensorBoard plus a JSON-lines log; a no-op off process 0."""
