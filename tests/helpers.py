@@ -1,6 +1,8 @@
 """Numeric helpers shared by tests: parameter-tree comparison and perturbation, and the
 PyTorch references (torch and diffusers are test-only; tests that need them skip without)."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -55,3 +57,13 @@ def perturbed_reference(build):
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return ref, numpy_state(ref)
+
+
+def listing(path: pathlib.Path) -> dict:
+    """Every file under `path` with its size and modification time: equal listings
+    before and after a command mean it changed nothing there."""
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

@@ -5,19 +5,11 @@ The training command runs in subprocesses (its flags are process-global); the ot
 in this process, as `main(argv)`."""
 
 import concurrent.futures
-import pathlib
 import shutil
 
 import pytest
+from helpers import listing
 from toy import AE_CONFIG, run_module
-
-
-def listing(path: pathlib.Path) -> dict:
-    return {
-        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pathlib
 import shutil
 
 import pytest
+from helpers import listing
 from toy import AE_CONFIG as CONFIG
 from toy import run_module
 
@@ -21,14 +22,6 @@ def run_cli(workdir, data_dir, *overrides, check=True, config=CONFIG):
         *overrides,
         check=check,
     )
-
-
-def listing(path: pathlib.Path) -> dict:
-    return {
-        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
