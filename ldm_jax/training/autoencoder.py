@@ -27,7 +27,6 @@ from ldm_jax.losses import autoencoder as ae_losses
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.models import lpips as lpips_lib
 from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.task import Task
@@ -143,13 +142,10 @@ class AutoencoderTask(Task):
             state.step, disc_start=loss_cfg.disc_start, factor=loss_cfg.disc_factor
         )
         reg_weight = loss_cfg.kl_weight if self.regularizer == "kl" else loss_cfg.codebook_weight
-        gather_model = functools.partial(
-            mesh_lib.gather_for_compute, logical_specs=self.state_specs.gen_params["model"]
-        )
 
         def ae_forward(model_params):
             out = self.model.apply(
-                {"params": gather_model(model_params)},
+                {"params": self.for_compute(model_params, "gen_params", "model")},
                 x,
                 train=True,
                 rngs={"sample": r_sample, "dropout": r_drop},
@@ -165,7 +161,9 @@ class AutoencoderTask(Task):
         g_loss, d_adv_recon = self._adv_cotangent(state, recon)
 
         # Adaptive weight: the same cotangents pulled back through the decoder's last conv.
-        last = _get_path(gather_model(model_params), ae_models.LAST_LAYER_PATH)
+        last = _get_path(
+            self.for_compute(model_params, "gen_params", "model"), ae_models.LAST_LAYER_PATH
+        )
         _, conv_vjp = jax.vjp(lambda p: ae_models.apply_output_conv(p, hidden), last)
         (nll_last,) = conv_vjp(d_nll_recon)
         (adv_last,) = conv_vjp(d_adv_recon)
@@ -211,7 +209,7 @@ class AutoencoderTask(Task):
 
     def _adv_cotangent(self, state, recon):
         """The adversarial head -mean D(recon) and its cotangent on recon."""
-        disc_params = mesh_lib.gather_for_compute(state.disc_params, self.state_specs.disc_params)
+        disc_params = self.for_compute(state.disc_params, "disc_params")
 
         def adv_head(recon):
             logits, _ = self.disc.apply(
@@ -236,12 +234,8 @@ class AutoencoderTask(Task):
         # Discriminator on real images and this step's (detached) reconstructions.
         fake = jax.lax.stop_gradient(recon)
 
-        gather_disc = functools.partial(
-            mesh_lib.gather_for_compute, logical_specs=self.state_specs.disc_params
-        )
-
         def disc_objective(disc_params):
-            disc_params = gather_disc(disc_params)
+            disc_params = self.for_compute(disc_params, "disc_params")
             variables = {"params": disc_params, "batch_stats": state.disc_stats}
             logits_real, upd = self.disc.apply(variables, x, train=True, mutable=["batch_stats"])
             variables = {"params": disc_params, "batch_stats": upd["batch_stats"]}

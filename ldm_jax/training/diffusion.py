@@ -21,7 +21,6 @@ from ldm_jax.data import latent_cache
 from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
-from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import accumulate
 from ldm_jax.training import state as state_lib
@@ -180,10 +179,9 @@ class DiffusionTask(Task):
     def _compute_params(self, unet_params, cond_params):
         """The UNet's and the conditioning encoder's weights in their compute layout
         (whole over fsdp): XLA all-gathers them for the forward pass."""
-        specs = self.state_specs.params
         return (
-            mesh_lib.gather_for_compute(unet_params, specs["unet"]),
-            mesh_lib.gather_for_compute(cond_params, specs["cond"]),
+            self.for_compute(unet_params, "params", "unet"),
+            self.for_compute(cond_params, "params", "cond"),
         )
 
     def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng=None):

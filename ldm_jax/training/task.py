@@ -87,6 +87,15 @@ class Task:
         """Logical PartitionSpecs of the state (for the FSDP compute gather)."""
         return mesh_lib.logical_specs(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
 
+    def for_compute(self, tree, *path: str):
+        """`tree`, the state's field at `path` (e.g. "params", "unet"), in its compute
+        layout: whole over fsdp, still split over tensor, so XLA all-gathers it for the
+        forward pass and reduce-scatters its gradient."""
+        specs = self.state_specs
+        for name in path:
+            specs = specs[name] if isinstance(specs, dict) else getattr(specs, name)
+        return mesh_lib.gather_for_compute(tree, specs)
+
 
 def make_task(config) -> Task:
     if config.stage == "autoencoder":
