@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from ldm_jax.data import conditions
 from ldm_jax.evaluation import settings as eval_settings
 from ldm_jax.parallel import distributed
 
@@ -58,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
             image_key="image",
             label_key="label",
             caption_key="caption",
+            condition=conditions.default_config(),  # a dense condition made per example
         )
     )
 

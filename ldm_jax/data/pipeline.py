@@ -4,8 +4,9 @@ Determinism contract (multi-host runs rely on it): the GLOBAL batch k is the sam
 the process count. Epoch e visits the examples in `default_rng([seed, 0, e]).permutation(n)`;
 global batch k holds global positions [k*B, (k+1)*B) of the concatenated epochs; process p
 takes the contiguous slice [p*b, (p+1)*b) of it (b = B / process_count); the crop / flip /
-caption rng of the example at global position g is `default_rng([seed, 1, g])`. The
-iterator state is the next global batch index.
+caption rng of the example at global position g is `default_rng([seed, 1, g])`, and its
+dense condition's (data.condition) `default_rng([seed, 2, g])`. The iterator state is the
+next global batch index.
 """
 
 import threading
@@ -15,7 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from ldm_jax.data import transforms
+from ldm_jax.data import conditions, transforms
 from ldm_jax.data.datasets import Source, open_source
 from ldm_jax.errors import UserError
 
@@ -40,6 +41,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
             "image_key": "image",
             "label_key": "label",
             "caption_key": "caption",
+            "condition": conditions.default_config(),
         }
     )
     cfg.update(overrides)
@@ -54,6 +56,8 @@ def _settings(data_cfg) -> SimpleNamespace:
         if get(key, None) is None:
             raise UserError(f"data config needs `{key}` (e.g. data.{key}={defaults[key]!r}).")
     s = SimpleNamespace(**{k: get(k, v) for k, v in defaults.items()})
+    s.condition = conditions.settings(s.condition)
+    conditions.check(s.condition, s.image_size)
     if s.crop not in ("random", "center"):
         raise UserError(f"data.crop must be 'random' or 'center', got {s.crop!r}.")
     if s.resize is not None and s.resize < s.image_size:
@@ -97,6 +101,11 @@ class _Reader:
             s = self.s = SimpleNamespace(
                 **{**vars(s), "label_key": "label", "caption_key": "caption"}
             )
+            if s.condition.kind != "none":
+                raise UserError(
+                    f"data.condition.kind={s.condition.kind!r} is made from the images, which a "
+                    "latent cache does not hold; disable latent_cache for this experiment."
+                )
         elif not source.has_feature(s.image_key):
             raise UserError(
                 f"Dataset '{source.name}' has no feature '{s.image_key}' (features: "
@@ -111,15 +120,20 @@ class _Reader:
         """A padding example for eval (masked out)."""
         size = self.s.image_size
         out = {"image": np.zeros((size, size, 3), np.uint8)}
+        out |= conditions.blank(self.s.condition, size)
         if self.label_key:
             out["label"] = 0
         if self.caption_key:
             out["caption"] = ""
         return out
 
-    def read(self, index: int, rng: np.random.Generator | None) -> dict:
+    def read(self, index: int, rng: np.random.Generator | None, condition_rng=None) -> dict:
+        """`rng` draws crops, flips and captions (None: center crop, first caption);
+        `condition_rng` the dense condition (data.condition), when there is one."""
         example = self.source[index]
         out = {"latent": example["latent"]} if self.latent else self._image(index, example, rng)
+        if self.s.condition.kind != "none":
+            out |= conditions.make(self.s.condition, out["image"], condition_rng)
         if self.label_key:
             out["label"] = int(lookup(example, self.label_key))
         if self.caption_key:
@@ -158,6 +172,7 @@ def _collate(examples) -> dict:
         batch = {"latent": np.stack([e["latent"] for e in examples]).astype(np.float32)}
     else:
         batch = {"image": transforms.to_float(np.stack([e["image"] for e in examples]))}
+        conditions.collate(examples, batch)
     if "label" in examples[0]:
         batch["label"] = np.array([e["label"] for e in examples], np.int32)
     if "caption" in examples[0]:
@@ -239,7 +254,8 @@ class TrainIterator:
         g = self.global_position(j // self.local_batch_size, j % self.local_batch_size)
         epoch, offset = divmod(g, self.num_examples)
         rng = np.random.default_rng([self.seed, _EXAMPLE_TAG, g])
-        return self._reader.read(int(self._perm(epoch)[offset]), rng)
+        condition_rng = conditions.rng_for_train(self.seed, g)
+        return self._reader.read(int(self._perm(epoch)[offset]), rng, condition_rng)
 
     def _start(self, next_batch: int) -> None:
         first = next_batch * self.local_batch_size
@@ -311,7 +327,10 @@ def eval_batches(
 
     def element(j: int) -> dict:
         g = (j // local) * global_batch_size + p * local + j % local
-        out = reader.read(g, None) if g < total else reader.blank()
+        if g < total:
+            out = reader.read(g, None, conditions.rng_for_eval(s.condition, g))
+        else:
+            out = reader.blank()
         out["mask"] = g < total
         return out
 
