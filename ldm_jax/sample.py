@@ -84,9 +84,7 @@ def _overrides(args):
             get_sampler(sampling.sampler)
         except ValueError as e:
             raise UserError(f"--sampler: {e}") from None
-        if sampling.sampler != "ddpm" and int(sampling.steps) < 1:
-            raise UserError(f"--steps {sampling.steps}: sample with at least 1 step.")
-        try:  # a step count the sampler's grid cannot take fails before any work
+        try:  # a step count the sampler's grid cannot take (0 included) fails before any work
             sampling_grid(sampling, int(config.diffusion.timesteps))
         except ValueError as e:
             raise UserError(f"--steps {sampling.steps}: {e}") from None

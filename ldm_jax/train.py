@@ -36,9 +36,7 @@ def _parse_flags(argv):
     except (TypeError, ValueError) as e:
         runtime.fail(f"bad --config. override value: {_one_line(e)}")
     except OSError as e:
-        runtime.fail(
-            f"--config: {_last_line(e)}; give an experiment file, e.g. configs/autoencoder/kl_f8.py"
-        )
+        _fail_config_file(e)
 
 
 def _load_config():
@@ -49,10 +47,14 @@ def _load_config():
     try:
         config.get("stage")
     except OSError as e:
-        runtime.fail(
-            f"--config: {_last_line(e)}; give an experiment file, e.g. configs/autoencoder/kl_f8.py"
-        )
+        _fail_config_file(e)
     return config
+
+
+def _fail_config_file(e: OSError):
+    runtime.fail(
+        f"--config: {_last_line(e)}; give an experiment file, e.g. configs/autoencoder/kl_f8.py"
+    )
 
 
 def _last_line(e: Exception) -> str:

@@ -72,13 +72,14 @@ def rng_for_train(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, CONDITION_TAG, position])
 
 
-def rng_for_eval(cond_cfg, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(settings(cond_cfg).eval_seed), CONDITION_TAG, index])
+# The per-example functions below take the settings as `settings` gives them (the
+# pipeline normalises them once, not for every example).
+def rng_for_eval(c, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(c.eval_seed), CONDITION_TAG, index])
 
 
-def make(cond_cfg, image: np.ndarray, rng) -> dict:
+def make(c, image: np.ndarray, rng) -> dict:
     """One example's condition from its uint8 [S, S, 3] image (host arrays, uint8)."""
-    c = settings(cond_cfg)
     if c.kind == "low_res":
         low = degradations.DEGRADATIONS[c.degradation](image, int(c.factor), rng)
         return {"low_res": np.ascontiguousarray(low)}
@@ -88,9 +89,8 @@ def make(cond_cfg, image: np.ndarray, rng) -> dict:
     return {}
 
 
-def blank(cond_cfg, image_size: int) -> dict:
+def blank(c, image_size: int) -> dict:
     """A padding example's condition (masked out in evaluation)."""
-    c = settings(cond_cfg)
     if c.kind == "low_res":
         side = image_size // int(c.factor)
         return {"low_res": np.zeros((side, side, 3), np.uint8)}

@@ -134,13 +134,13 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
 def _gather_rows(chunks: list) -> np.ndarray:
     """All processes' unmasked rows from a list of local (rows, mask) pairs."""
     import jax
-    from jax.experimental import multihost_utils
+
+    from ldm_jax.parallel.mesh_run import MeshRun
 
     rows = np.concatenate([r for r, _ in chunks]).astype(np.float32)
     mask = np.concatenate([np.ones(len(r), bool) if m is None else m for r, m in chunks])
     if jax.process_count() > 1:
-        rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
-        mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+        rows, mask = MeshRun.all_rows(rows), MeshRun.all_rows(mask)
     return rows[mask]
 
 

@@ -30,10 +30,6 @@ class MeshRun:
     def from_config(cls, mesh_cfg) -> MeshRun:
         return cls(mesh_lib.make_mesh(mesh_cfg))
 
-    @property
-    def is_lead(self) -> bool:
-        return jax.process_index() == 0
-
     def check_batch(self, name: str, batch_size: int) -> None:
         """A global batch must split evenly over the batch shards and the processes."""
         procs = jax.process_count()

@@ -320,8 +320,8 @@ class DiffusionTask(Task):
             opts["skip"], noise = self._img2img_noised(
                 init_latents, strength, sampling, noise, r_noise
             )
-        start = tuple(shape) if noise is None else noise
-        batch = start[0] if noise is None else noise.shape[0]
+        start = tuple(shape) if noise is None else noise  # the sampler takes either
+        batch = shape[0] if noise is None else noise.shape[0]
         uncond = self.cond.null_inputs(batch) if uncond is None else uncond
         fn = self._guided_model_fn(state, frozen, inputs, uncond, images, sampling, batch)
         return samplers.get_sampler(sampling.sampler)(

@@ -53,11 +53,7 @@ class RestoredRun:
     task: Any
     state: Any  # sharded over `mesh_run.mesh` with the training shardings
     step: int
-    mesh_run: MeshRun
-
-    @property
-    def frozen(self):
-        return self.mesh_run.frozen
+    mesh_run: MeshRun  # its `frozen` holds the task's frozen params on the mesh
 
 
 def _restore(ckpt, step: int, task, mesh_run: MeshRun | None):
