@@ -56,7 +56,7 @@ def test_inpaint_condition_and_its_fixed_eval_masks(data_dir):
     assert mask.shape == (8, 32, 32, 1) and set(np.unique(mask)) <= {0.0, 1.0}
     shares = mask.mean(axis=(1, 2, 3))
     assert np.all((shares >= 0.2 - 1 / 32**2) & (shares <= 0.4))
-    np.testing.assert_array_equal(batch["masked_image"], batch["image"] * (1 - mask))
+    np.testing.assert_array_equal(batch["masked_image"], np.where(mask > 0, -1.0, batch["image"]))
     first = next(iter(eval_batches(cfg, global_batch_size=8, num_examples=8)))
     again = next(iter(eval_batches(cfg, global_batch_size=8, num_examples=8)))
     np.testing.assert_array_equal(first["inpaint_mask"], again["inpaint_mask"])

@@ -116,23 +116,27 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir):
 def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
     """conditioning_key 'hybrid': the low-res image is concatenated to z_t (3 extra UNet
     input channels) and the class enters by cross-attention; a step and guided sampling
-    (with the concat condition doubled alongside the batch) run."""
+    (with the dense features doubled alongside the batch) run."""
     from flax import linen as nn
 
     from ldm_jax.training.diffusion import DiffusionTask
 
-    config = tiny_diffusion_config(tiny_autoencoder_run[0], conditioning_key="hybrid")
+    config = tiny_diffusion_config(
+        tiny_autoencoder_run[0], conditioning_key="hybrid", data__condition__kind="low_res"
+    )
     task = DiffusionTask(config)
     assert task.unet.in_channels == 3 + 3 and task.unet.context_dim == config.cond.embed_dim
     frozen = task.frozen_params()
     state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1)
-    batch = {"image": images, "label": jnp.array([0, 1, 2, 3], jnp.int32)}
+    low = images[:, ::4, ::4]
+    batch = {"image": images, "low_res": low, "label": jnp.array([0, 1, 2, 3], jnp.int32)}
     new_state, metrics = jax.jit(task.train_step)(state, batch, jax.random.PRNGKey(2), frozen)
     assert float(metrics["finite"]) == 1.0 and int(new_state.step) == 1
-    x = jax.jit(lambda s, f, inp, im, r: task.sample(s, f, inp, r, images=im, shape=(4, 8, 8, 3)))(
-        new_state, frozen, task.cond.labels_inputs([0, 1, 2, 3]), images, jax.random.PRNGKey(3)
-    )
+    x = jax.jit(
+        lambda s, f, inp, d, r: task.sample(s, f, inp, r, dense=d, shape=(4, 8, 8, 3))
+    )(new_state, frozen, task.cond.labels_inputs([0, 1, 2, 3]), {"low_res": low},
+      jax.random.PRNGKey(3))  # fmt: skip
     assert x.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x) <= 1.0))
 
 

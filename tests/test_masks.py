@@ -41,12 +41,12 @@ def test_masks_hold_strokes_and_boxes():
     assert kinds == {True, False}
 
 
-def test_masked_image_is_zero_inside_the_mask_only():
+def test_masked_image_is_black_inside_the_mask_only():
     rng = np.random.default_rng(0)
     image = rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32)
     mask = masks.large_mask(32, rng)
     out = masks.masked_image(image, mask)
-    assert np.all(out[mask] == 0.0)
+    assert np.all(out[mask] == -1.0)
     np.testing.assert_array_equal(out[~mask], image[~mask])
     with pytest.raises(ValueError, match="coverage"):
         masks.large_mask(32, rng, (0.5, 0.2))

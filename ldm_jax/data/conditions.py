@@ -7,7 +7,7 @@
     inpaint   `inpaint_mask`: float32 [S, S, 1], 1 where the image is to be filled (a
               large mask, ldm_jax.data.masks, its share in `coverage`), and
               `masked_image`: float32 [S, S, 3] in [-1, 1], the image with that region
-              at 0 (`mask` stays the evaluation batches' padding mask)
+              black, -1 (`mask` stays the evaluation batches' padding mask)
 
 Seeding follows the crops' contract (pipeline.py): the condition of the training example
 at global position g is drawn from `default_rng([seed, 2, g])`, so resumption and
@@ -107,4 +107,4 @@ def collate(examples, batch: dict) -> None:
     if "inpaint_mask" in first:
         mask = np.stack([e["inpaint_mask"] for e in examples]).astype(np.float32)
         batch["inpaint_mask"] = mask
-        batch["masked_image"] = (batch["image"] * (1.0 - mask)).astype(np.float32)
+        batch["masked_image"] = masks.masked_image(batch["image"], mask[..., 0] > 0)

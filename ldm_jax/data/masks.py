@@ -3,7 +3,7 @@ thick random strokes (polylines with round joints) and boxes, drawn until the ma
 share of the image reaches a target drawn uniformly from a coverage range.
 
 Convention (the reference inpainting model's): mask 1 marks the region to fill, and the
-masked image is the image with that region set to 0 (in [-1, 1] after `masked_image`).
+masked image is the image with that region black (-1 in [-1, 1], `masked_image`).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def large_mask(size: int, rng, coverage: tuple[float, float] = DEFAULT_COVERAGE)
 
 def masked_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """image [H, W, 3] in [-1, 1], mask [H, W] (True: to fill) -> the image with the
-    masked region at 0, as the reference's masked_image."""
-    return np.where(mask[..., None], 0.0, image).astype(np.float32)
+    masked region black (-1), as the reference's masked_image."""
+    return np.where(mask[..., None], -1.0, image).astype(np.float32)
 
 
 def coverage_histogram(masks, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,17 @@ to the caller's jit shardings (nothing here assumes one device).
 are left out and `shape_or_x_T` is x at grid point `skip`, i.e. at `timesteps(...)[skip]`.
 That is image-to-image ("SDEdit"): noise an encoded image to that timestep, then denoise;
 `img2img_start` turns a strength in (0, 1] into (skip, timestep) as diffusers does.
+
+`known` (keyword, every sampler) is mask guidance, the reference DDIM's `mask`/`x0`
+options for any sampler: a `Known(keep, x0)` replaces, at the start of every step at
+timestep t, the kept region (keep = 1) of x by x0 noised to t with fresh noise, and at
+the end by x0 itself; so an unconditional model fills the rest consistently (inpainting).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +47,36 @@ _PLMS_COEFS = np.array(
     ],
     dtype=np.float32,
 )
+
+
+class Known(NamedTuple):
+    """Mask guidance: `keep` (broadcastable to x, in {0, 1}; 1 where x0 is known) and the
+    known clean sample `x0` (x's shape)."""
+
+    keep: jax.Array
+    x0: jax.Array
+
+
+_KNOWN_TAG = 2  # fold_in tag of the mask guidance's noise (beside _start's split)
+
+
+def _impose(known: Known | None, sched, x, t, rng):
+    """x with its kept region replaced by known.x0 noised to timestep t (q_sample)."""
+    if known is None:
+        return x
+    noise = jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(rng, _KNOWN_TAG), t), x.shape, x.dtype
+    )
+    abar = sched.alphas_cumprod[t]
+    noised = jnp.sqrt(abar) * known.x0 + jnp.sqrt(1.0 - abar) * noise
+    return known.keep * noised + (1.0 - known.keep) * x
+
+
+def _finish(known: Known | None, x):
+    """The sample with its kept region exactly known.x0."""
+    if known is None:
+        return x
+    return known.keep * known.x0 + (1.0 - known.keep) * x
 
 
 def _start(shape_or_x_T, rng):
@@ -74,6 +110,7 @@ def ddpm(
     parameterization: str = "eps",
     clip_denoised: bool = False,
     skip: int = 0,
+    known: Known | None = None,
 ):
     """Ancestral sampling through all T steps with the posterior q(x_{t-1} | x_t, x0_hat).
 
@@ -84,6 +121,7 @@ def ddpm(
     _check_skip(skip, sched.num_timesteps)
 
     def step(x, t):
+        x = _impose(known, sched, x, t, rng)
         _, x0 = _predict(model_fn, sched, x, t, parameterization)
         if clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
@@ -94,7 +132,7 @@ def ddpm(
 
     ts = jnp.arange(sched.num_timesteps - 1 - skip, -1, -1, dtype=jnp.int32)
     x, _ = jax.lax.scan(step, x, ts)
-    return x
+    return _finish(known, x)
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
@@ -140,6 +178,7 @@ def ddim(
     eta: float = 0.0,
     spacing: str = "uniform",
     skip: int = 0,
+    known: Known | None = None,
 ):
     """DDIM (Song et al. 2021); eta = 0 deterministic, eta = 1 DDPM-like variance."""
     ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing)
@@ -151,6 +190,7 @@ def ddim(
 
     def step(x, xs):
         i, t, a_t, a_prev, sigma = xs
+        x = _impose(known, sched, x, t, rng)
         eps, x0 = _predict(model_fn, sched, x, t, parameterization)
         # Rounding can push 1 - a_prev - sigma^2 a hair below 0 when they are equal.
         dir_coef = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0))
@@ -168,7 +208,7 @@ def ddim(
         sigma[::-1],
     )
     x, _ = jax.lax.scan(step, x, jax.tree.map(lambda a: a[skip:], xs))
-    return x
+    return _finish(known, x)
 
 
 def plms(
@@ -181,6 +221,7 @@ def plms(
     num_steps: int = 50,
     spacing: str = "uniform",
     skip: int = 0,
+    known: Known | None = None,
 ):
     """Pseudo linear multistep (Liu et al. 2022), as LDM's PLMSSampler.
 
@@ -203,6 +244,7 @@ def plms(
         return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * e
 
     # First step; the reference's t_next is the next grid point (itself if there is none).
+    x = _impose(known, sched, x, t_rev[0], rng)
     e0 = eps_at(x, t_rev[0])
     t_next = t_rev[1] if len(ts) > 1 else t_rev[0]
     e_next = eps_at(ddim_update(x, e0, a_t[0], a_prev[0]), t_next)
@@ -211,6 +253,7 @@ def plms(
     def step(carry, xs):
         x, e1, e2, e3 = carry  # the three most recent eps, newest first
         t, a_t, a_prev, c = xs
+        x = _impose(known, sched, x, t, rng)
         e = eps_at(x, t)
         e_prime = c[0] * e + c[1] * e1 + c[2] * e2 + c[3] * e3
         return (ddim_update(x, e_prime, a_t, a_prev), e, e1, e2), None
@@ -220,7 +263,7 @@ def plms(
     zeros = jnp.zeros_like(e0)
     xs = (t_rev[1:], a_t[1:], a_prev[1:], jnp.asarray(coefs))
     (x, *_), _ = jax.lax.scan(step, (x, e0, zeros, zeros), xs)
-    return x
+    return _finish(known, x)
 
 
 def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -240,6 +283,7 @@ def dpm_solver_pp_2m(
     num_steps: int = 20,
     final_sigma: str = "zero",
     skip: int = 0,
+    known: Known | None = None,
 ):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, as diffusers'
     DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
@@ -285,13 +329,14 @@ def dpm_solver_pp_2m(
     def step(carry, xs):
         x, m_prev = carry
         t, c_x, c_d0, c_d1 = xs
+        x = _impose(known, sched, x, t, rng)
         _, m = _predict(model_fn, sched, x, t, parameterization)
         x = c_x * x + c_d0 * m + c_d1 * (m - m_prev)
         return (x, m), None
 
     xs = jax.tree.map(lambda a: a[skip:], (jnp.asarray(ts), c_x, c_d0, c_d1))
     (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), xs)
-    return x
+    return _finish(known, x)
 
 
 def _check_skip(skip: int, n: int) -> None:

@@ -1,10 +1,12 @@
 """Second stage: a UNet trained with the DDPM objective on a frozen autoencoder's latents.
 
-batch -> first stage encode (x scale_factor) -> q_sample(t, noise) -> UNet(z_t [+ concat],
-t, context/y from the conditioner, with CFG dropout) -> eps / x0 / v loss -> AdamW ->
-EMA of the UNet (LDM warm-up: decay_n = min(decay, (1 + n) / (10 + n))).
+batch -> first stage encode (x scale_factor) -> q_sample(t, noise) -> UNet(z_t [+ the
+dense condition's features, training/dense.py], t, context/y from the conditioner, with
+CFG dropout) -> eps / x0 / v loss -> AdamW -> EMA of the UNet (LDM warm-up:
+decay_n = min(decay, (1 + n) / (10 + n))).
 Sampling runs one jitted lax loop (samplers in ldm_jax.diffusion) on the EMA weights,
-with classifier-free guidance, then decodes through the first stage.
+with classifier-free guidance and optional mask guidance (the known region of a latent
+kept), then decodes through the first stage.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ldm_jax.data import images as images_lib
@@ -22,7 +25,7 @@ from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
 from ldm_jax.parallel.mesh_run import MeshRun
-from ldm_jax.training import accumulate
+from ldm_jax.training import accumulate, dense
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.conditioner import Conditioner
 from ldm_jax.training.first_stage import FirstStage
@@ -62,7 +65,7 @@ class DiffusionTask(Task):
         self.first_stage = first_stage or FirstStage(config.first_stage)
         self.cond = Conditioner(config.cond, config.conditioning_key)
         self.sched = schedules.make_schedule(config.diffusion)
-        self.concat = config.conditioning_key in ("concat", "hybrid")
+        self.dense = dense.make(config, self.first_stage)
         self.unet = unet_configs.from_config(self.unet_config())
         lr = config.optim.base_learning_rate * (config.batch_size if config.optim.scale_lr else 1)
         self.learning_rate = lr
@@ -73,16 +76,21 @@ class DiffusionTask(Task):
 
     def unet_config(self):
         """config.model with the fields the task derives: channels from the first stage
-        (and a concat condition), context width and class count from the conditioner."""
+        and the dense condition, context width and class count from the conditioner."""
         u = self.config.model.copy_and_resolve_references()
         c = self.first_stage.latent_channels
         with u.unlocked():
-            u.in_channels = c + (3 if self.concat else 0)
+            u.in_channels = c + self.dense.channels
             u.out_channels = c
             u.context_dim = self.cond.context_dim
             if self.config.conditioning_key == "adm":
                 u.num_classes = self.cond.n_classes + 1  # the last id is the null class
         return u
+
+    @property
+    def concat(self) -> bool:
+        """Whether the UNet takes a dense condition beside z_t."""
+        return self.dense.channels > 0
 
     @property
     def grad_accum_steps(self) -> int:
@@ -165,16 +173,16 @@ class DiffusionTask(Task):
 
     def device_batch(self, batch: dict, with_mask: bool = False) -> dict:
         key = "latent" if "latent" in batch else "image"
-        out = {key: batch[key], **self.cond.host_inputs(batch)}
+        out = {key: batch[key], **self.cond.host_inputs(batch), **self.dense.host_inputs(batch)}
         if with_mask:
             out["mask"] = batch["mask"]
         return out
 
     # ----- training ----------------------------------------------------------------------
-    def _dense(self, images):
-        """The concat condition: the image at latent resolution (low-res conditioning)."""
-        b, s = images.shape[0], self.latent_size
-        return jax.image.resize(images, (b, s, s, images.shape[-1]), "bilinear", antialias=True)
+    def dense_features(self, state, frozen, batch: dict, latent_hw):
+        """The dense condition's features [B, h, w, k] of a batch's condition arrays
+        (None without a dense condition)."""
+        return self.dense.features(frozen, batch, tuple(latent_hw), state.scale_factor)
 
     def _compute_params(self, unet_params, cond_params):
         """The UNet's and the conditioning encoder's weights in their compute layout
@@ -184,17 +192,20 @@ class DiffusionTask(Task):
             self.for_compute(cond_params, "params", "cond"),
         )
 
-    def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng=None):
+    def _apply(self, unet_params, cond_params, frozen, z_t, t, inputs, features, train,
+               rng=None):  # fmt: skip
         unet_params, cond_params = self._compute_params(unet_params, cond_params)
         return self._apply_gathered(
-            unet_params, cond_params, frozen, z_t, t, inputs, images, train, rng
+            unet_params, cond_params, frozen, z_t, t, inputs, features, train, rng
         )
 
-    def _apply_gathered(self, unet_params, cond_params, frozen, z_t, t, inputs, images, train,
-                        rng=None):  # fmt: skip
+    def _apply_gathered(self, unet_params, cond_params, frozen, z_t, t, inputs, features,
+                        train, rng=None):  # fmt: skip
+        """The UNet's output at z_t; `features` (the dense condition's, or None) are
+        concatenated with z_t on the channel axis."""
         context, y = self.cond.embed(cond_params, frozen, inputs)
-        if self.concat:
-            z_t = jnp.concatenate([z_t, self._dense(images)], axis=-1)
+        if features is not None:
+            z_t = jnp.concatenate([z_t, features.astype(z_t.dtype)], axis=-1)
         rngs = {"dropout": rng} if rng is not None else {}
         return self.unet.apply(
             {"params": unet_params}, z_t, t, context=context, y=y, train=train, rngs=rngs
@@ -217,14 +228,14 @@ class DiffusionTask(Task):
         diffusion_cfg = self.config.diffusion
         rng = jax.random.fold_in(rng, state.step)
         r_enc, r_t, r_noise, r_cfg, r_drop = jax.random.split(rng, 5)
-        images = batch.get("image")  # the dense condition's source (absent with a cache)
         z0, t, noise, z_t = self._noised_latents(state, frozen, batch, r_enc, r_t, r_noise)
         inputs = self.cond.drop(_cond_inputs(batch), r_cfg, self.config.cond.drop_rate)
 
         def loss_fn(params, mb, r_drop):
+            features = self.dense_features(state, frozen, mb["dense"], mb["z_t"].shape[1:3])
             out = self._apply(
                 params["unet"], params["cond"], frozen, mb["z_t"], mb["t"], mb["inputs"],
-                mb.get("images"), True, r_drop,
+                features, True, r_drop,
             )  # fmt: skip
             loss, _ = objectives.diffusion_loss(
                 self.sched,
@@ -238,9 +249,8 @@ class DiffusionTask(Task):
             )
             return loss
 
-        mb = {"z0": z0, "t": t, "noise": noise, "z_t": z_t, "inputs": inputs}
-        if images is not None:
-            mb["images"] = images
+        mb = {"z0": z0, "t": t, "noise": noise, "z_t": z_t, "inputs": inputs,
+              "dense": self.dense.host_inputs(batch)}  # fmt: skip
         loss, grads = accumulate.mean_value_and_grad(
             loss_fn, state.params, mb, self.grad_accum_steps, r_drop
         )
@@ -270,18 +280,12 @@ class DiffusionTask(Task):
         """Per-example diffusion loss of the EMA UNet at fixed random t and noise."""
         rng = jax.random.PRNGKey(1234)
         r_enc, r_t, r_noise = jax.random.split(rng, 3)
-        images = batch["image"]
         z0, t, noise, z_t = self._noised_latents(state, frozen, batch, r_enc, r_t, r_noise)
+        features = self.dense_features(state, frozen, batch, z_t.shape[1:3])
         out = self._apply(
-            state.ema_params,
-            state.params["cond"],
-            frozen,
-            z_t,
-            t,
-            _cond_inputs(batch),
-            images,
-            False,
-        )
+            state.ema_params, state.params["cond"], frozen, z_t, t, _cond_inputs(batch),
+            features, False,
+        )  # fmt: skip
         _, per_example = objectives.diffusion_loss(
             self.sched,
             out,
@@ -300,18 +304,22 @@ class DiffusionTask(Task):
         return self.decode(state, frozen, latents)
 
     def sample_latents(
-        self, state, frozen, inputs, rng, *, images=None, shape=None, sampling=None,
-        noise=None, uncond=None, init_latents=None, strength=None,
+        self, state, frozen, inputs, rng, *, dense=None, shape=None, sampling=None,
+        noise=None, uncond=None, init_latents=None, strength=None, known=None,
     ):  # fmt: skip
         """Scaled latents sampled on the EMA weights.
 
         `inputs` are device conditioning inputs (`cond.inputs`); `shape` (B, h, w, c) may
         exceed the trained latent size (convolutional sampling); `noise` (that shape)
-        replaces the drawn starting latents x_T; `images` feed a concat condition.
+        replaces the drawn starting latents x_T; `dense` holds the dense condition's
+        arrays (`dense.keys`, e.g. `low_res`) for a run that has one.
         `uncond` replaces the null condition of classifier-free guidance (a negative
         prompt's inputs, same batch as `inputs`). `init_latents` (scaled, as
         `encode_images` gives) with `strength` in (0, 1] is image-to-image: they are noised
         to the step `strength` of the way up the sampler's grid and denoised from there.
+        `known` = (keep [B, h, w, 1] in {0, 1}, x0 scaled latents) is mask guidance: at
+        each step the kept region is replaced by x0 noised to that step, and at the end
+        by x0 itself (`samplers.Known`).
         """
         sampling = sampling or self.config.sampling
         opts = samplers.options(sampling)
@@ -320,31 +328,88 @@ class DiffusionTask(Task):
             opts["skip"], noise = self._img2img_noised(
                 init_latents, strength, sampling, noise, r_noise
             )
+        if known is not None:
+            opts["known"] = samplers.Known(*known)
         start = tuple(shape) if noise is None else noise  # the sampler takes either
-        batch = shape[0] if noise is None else noise.shape[0]
+        batch, latent_hw = (
+            (shape[0], shape[1:3]) if noise is None else (noise.shape[0], noise.shape[1:3])
+        )
         uncond = self.cond.null_inputs(batch) if uncond is None else uncond
-        fn = self._guided_model_fn(state, frozen, inputs, uncond, images, sampling, batch)
+        features = None
+        if self.concat:
+            if dense is None:
+                raise UserError(f"this run samples from a {self.dense.kind} condition; give it.")
+            features = self.dense_features(state, frozen, dense, latent_hw)
+        fn = self._guided_model_fn(state, frozen, inputs, uncond, features, sampling, batch)
         return samplers.get_sampler(sampling.sampler)(
             fn, self.sched, start, rng, parameterization=self.config.diffusion.parameterization,
             **opts,
         )  # fmt: skip
 
-    def _guided_model_fn(self, state, frozen, inputs, uncond, images, sampling, batch: int):
+    def _guided_model_fn(self, state, frozen, inputs, uncond, features, sampling, batch: int):
         """The EMA UNet as a function of (x, t), with guidance when it applies."""
         # FSDP: gather the weights once, not in every step of the sampler's loop.
         ema, cond_params = self._compute_params(state.ema_params, state.params["cond"])
 
         def model_fn(x, t, c):
-            dense = None
-            if self.concat:  # guidance doubles the batch: the condition is repeated with it
-                dense = jnp.concatenate([images] * (x.shape[0] // batch), axis=0)
-            return self._apply_gathered(ema, cond_params, frozen, x, t, c, dense, False)
+            f = features
+            if f is not None:  # guidance doubles the batch: the features are repeated with it
+                f = jnp.concatenate([f] * (x.shape[0] // batch), axis=0)
+            return self._apply_gathered(ema, cond_params, frozen, x, t, c, f, False)
 
         scale = float(sampling.guidance_scale)
         if inputs and scale != 1.0:
             uncond = {k: jnp.asarray(v) for k, v in uncond.items()}
             return guidance.guided_model_fn(model_fn, inputs, uncond, scale)
         return lambda x, t: model_fn(x, t, inputs)
+
+    def sample_from_condition(self, state, frozen, inputs, rng, condition: dict, sampling=None):
+        """Images [B, H, W, 3] in [-1, 1] sampled from a dense condition, at the size it
+        implies (any size `check_sample_size` accepts: convolutional sampling).
+
+        `condition` holds the arrays the data pipeline makes (`low_res`; or `image`,
+        `inpaint_mask`, `masked_image`; `dense.user_inputs` makes them from files). A run
+        trained with the condition takes it at the UNet's input; a run without an inpaint
+        condition inpaints by mask guidance (`known`): the kept latents are E(image) where
+        no pixel of their f x f patch is masked. Inpainted images keep the original
+        outside the mask (the reference's composite).
+        """
+        f, c = self.first_stage.factor, self.first_stage.latent_channels
+        if self.dense.kind == "low_res":
+            b, (h, w) = (
+                condition["low_res"].shape[0],
+                self.dense.output_size(*condition["low_res"].shape[1:3]),
+            )
+        else:
+            b, h, w = condition["image"].shape[:3]
+        known = None
+        if "inpaint_mask" in condition and self.dense.kind != "inpaint":
+            r_enc, rng = jax.random.split(rng)
+            x0 = self.encode_images(state, frozen, condition["image"], r_enc)
+            touched = jax.lax.reduce_window(
+                condition["inpaint_mask"], -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1),
+                "VALID",
+            )  # fmt: skip
+            known = (1.0 - touched, x0)
+        dense_inputs = self.dense.host_inputs(condition) if self.concat else None
+        x = self.sample(
+            state, frozen, inputs, rng, dense=dense_inputs, shape=(b, h // f, w // f, c),
+            sampling=sampling, known=known,
+        )  # fmt: skip
+        if "inpaint_mask" in condition:
+            mask = condition["inpaint_mask"]
+            x = mask * x + (1.0 - mask) * condition["image"]
+        return x
+
+    def check_sample_size(self, height: int, width: int) -> None:
+        """Refuses an output size the first stage and the UNet's downsampling do not divide."""
+        unit = self.first_stage.factor * 2 ** (len(self.config.model.channel_mult) - 1)
+        if height % unit or width % unit:
+            raise UserError(
+                f"the output would be {height}x{width}, but this run samples sizes that are "
+                f"multiples of {unit} (first stage f={self.first_stage.factor} times the "
+                "UNet's downsampling); crop or pad the input to such a size."
+            )
 
     def _img2img_noised(self, init_latents, strength, sampling, noise, rng):
         """(grid steps skipped, the init latents noised to the step `strength` names)."""
@@ -371,7 +436,7 @@ class DiffusionTask(Task):
 
     def grid_columns(self, batch: dict, rows: int) -> int:
         """A sample grid's columns: one per class (up to `rows`) for class models, one
-        per eval example for text and concat models, `rows` otherwise."""
+        per eval example for text and dense-condition models, `rows` otherwise."""
         if self.cond.kind == "class":
             return min(rows, self.cond.n_classes)
         if self.concat or self.cond.is_text:
@@ -379,8 +444,9 @@ class DiffusionTask(Task):
         return rows
 
     def sample_grid(self, state, batch, rows: int, frozen) -> list:
-        """Rows of samples, one column per condition (`grid_columns`); text and concat
-        models show the eval batch's images as the first row."""
+        """Rows of samples, one column per condition (`grid_columns`); text and dense
+        models show the eval batch's images as the first row, dense models their
+        condition (`condition_images`) as the second."""
         cols = self.grid_columns(batch, rows)
         if self.cond.kind == "class":
             inputs = self.cond.inputs(range(cols))
@@ -389,12 +455,24 @@ class DiffusionTask(Task):
         grid = []
         if self.concat or self.cond.is_text:
             grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
+        dense_inputs = self.dense.host_inputs(batch)
+        if self.concat:
+            shown = self.condition_images({k: MeshRun.all_rows(v) for k, v in dense_inputs.items()})
+            grid.append(images_lib.to_uint8(shown[:cols]))
         fn = self._sampler_fn(cols)
         for r in range(self.config.sampling.grid_rows):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 17), r)
-            x = fn(state, frozen, inputs, batch["image"], rng)
+            x = fn(state, frozen, inputs, dense_inputs, rng)
             grid.append(images_lib.to_uint8(MeshRun.all_rows(x)))
         return grid
+
+    def condition_images(self, dense_inputs: dict):
+        """The dense condition as pictures at the output size (host arrays in [-1, 1]): the
+        low-res image nearest-upscaled, or the masked image."""
+        if self.dense.kind == "low_res":
+            f = int(self.dense.settings.factor)
+            return np.repeat(np.repeat(np.asarray(dense_inputs["low_res"]), f, 1), f, 2)
+        return np.asarray(dense_inputs["masked_image"])
 
     def _sampler_fn(self, n: int):
         """A jitted sampler for n samples (cached: one compile per n)."""
@@ -402,10 +480,11 @@ class DiffusionTask(Task):
         if n not in cache:
             s, c = self.latent_size, self.first_stage.latent_channels
 
-            def fn(state, frozen, inputs, images, rng):
+            def fn(state, frozen, inputs, dense_inputs, rng):
                 inputs = {k: v[:n] for k, v in inputs.items()}
+                dense_inputs = {k: v[:n] for k, v in dense_inputs.items()} or None
                 return self.sample(
-                    state, frozen, inputs, rng, images=images[:n], shape=(n, s, s, c)
+                    state, frozen, inputs, rng, dense=dense_inputs, shape=(n, s, s, c)
                 )
 
             cache[n] = jax.jit(fn)
