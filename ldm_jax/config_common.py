@@ -14,6 +14,7 @@ import ml_collections
 from ldm_jax.data import conditions
 from ldm_jax.evaluation import settings as eval_settings
 from ldm_jax.parallel import distributed
+from ldm_jax.training import lr_schedules
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -264,8 +265,11 @@ def diffusion_config(
         dict(enabled=False, dir=ml_collections.FieldReference(None, field_type=str), batch_size=64)
     )
     c.optim = ml_collections.ConfigDict(
-        dict(base_learning_rate=2.0e-6, scale_lr=True, weight_decay=0.01, warmup_steps=0)
-    )
+        dict(
+            base_learning_rate=2.0e-6, scale_lr=True, weight_decay=0.01, warmup_steps=0,
+            schedule="constant", cosine=lr_schedules.default_cosine(),  # training/lr_schedules.py
+        )
+    )  # fmt: skip
     c.sampling = ml_collections.ConfigDict(
         dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, grid_rows=2)
     )

@@ -104,3 +104,29 @@ def test_random_augmentation_cannot_be_cached(tiny_autoencoder_run, data_dir, tm
     with pytest.raises(UserError, match="deterministic preprocessing"):
         Trainer(config, tmp_path / "run")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_for_a_dense_condition_keeps_the_images(cache, data_dir, tmp_path):
+    """With data.condition set the cache also holds the encoded crops, so the per-example
+    conditions are drawn on the fly exactly as from the images; a cache without them is
+    refused for such a run, and left as it is."""
+    from ldm_jax.data import TrainIterator
+
+    config, _, _, plain_root = cache
+    sr = config.copy_and_resolve_references()
+    sr.conditioning_key = "concat"
+    sr.data.condition.update(kind="low_res", factor=4, degradation="bsr_light")
+    sr.latent_cache.dir = str(tmp_path / "sr_cache")
+    _, source = _build(sr, tmp_path / "run")
+    raw = open_source("digits", "train", data_dir)
+    assert np.array_equal(source[5]["image"], raw[5]["image"])
+    cached = next(TrainIterator(sr.data, global_batch_size=8, seed=3, source=source))
+    plain = next(TrainIterator(sr.data, global_batch_size=8, seed=3))
+    np.testing.assert_array_equal(cached["low_res"], plain["low_res"])
+    assert "latent" in cached and "latent" not in plain
+
+    sr.latent_cache.dir = str(plain_root)  # made without images for the class run
+    before = {p: p.stat().st_mtime_ns for p in plain_root.rglob("*")}
+    with pytest.raises(UserError, match="with_images"):
+        _build(sr, tmp_path / "run2")
+    assert {p: p.stat().st_mtime_ns for p in plain_root.rglob("*")} == before

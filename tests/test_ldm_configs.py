@@ -9,8 +9,9 @@ import pytest
 from ldm_jax.config_loader import load_config
 from ldm_jax.models import unet_configs
 
-# config -> (PAPER_UNETS name, first stage, latent channels, context dim, params,
-#            (linear_start, linear_end), loss, base lr)
+# config -> (PAPER_UNETS name, first stage, latent channels (or UNet (in, out) channels for
+#            dense conditions), context dim, params, (linear_start, linear_end), loss, base
+#            lr); the counts are the reference UNetModel's (stable-diffusion-sdkit, torch)
 PAPER = {
     "celebahq_ldm_vq4": ("celebahq-ldm-vq-4", "vq_f4", 3, None, 274_056_163, (0.0015, 0.0195), "l2", 2e-6),
     "ffhq_ldm_vq4": ("ffhq-ldm-vq-4", "vq_f4", 3, None, 274_056_163, (0.0015, 0.0195), "l2", 2e-6),
@@ -19,15 +20,18 @@ PAPER = {
     "cin256_ldm4_g": ("cin256-v2", "vq_f4", 3, 512, 400_920_579, (0.0015, 0.0195), "l2", 1e-4),
     "cin_ldm_vq_f8": ("cin-ldm-vq-f8", "vq_f8", 4, 512, 394_984_196, (0.0015, 0.0195), "l2", 1e-6),
     "txt2img_ldm_kl8": ("txt2img-1p4B", "kl_f8", 4, 1280, 872_300_484, (0.00085, 0.012), "l2", 5e-5),
+    "bsr_sr": ("bsr_sr", "vq_f4", (6, 3), None, 113_622_563, (0.0015, 0.0155), "l2", 1e-6),
+    "inpainting_big": ("inpainting_big", "vq_f4_noattn", (7, 3), None, 387_245_827, (0.0015, 0.0205), "l1", 1e-6),
 }  # fmt: skip
 
 
 def _unet_params(config, channels, context_dim) -> int:
+    c_in, c_out = channels if isinstance(channels, tuple) else (channels, channels)
     u = config.model.copy_and_resolve_references()
     with u.unlocked():
-        u.in_channels, u.out_channels, u.context_dim = channels, channels, context_dim
+        u.in_channels, u.out_channels, u.context_dim = c_in, c_out, context_dim
     model = unet_configs.from_config(u)
-    x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, 32, 32, c_in), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     ctx = None if context_dim is None else jax.ShapeDtypeStruct((1, 1, context_dim), jnp.float32)
     shapes = jax.eval_shape(
@@ -59,3 +63,14 @@ def test_paper_ldm_config(name):
 def test_txt2img_uses_the_sd_latent_scale():
     c = load_config("configs/diffusion/txt2img_ldm_kl8.py")
     assert c.diffusion.scale_factor == 0.18215 and c.cond.n_layer == 32
+
+
+def test_dense_condition_configs_set_the_reference_layout():
+    sr = load_config("configs/diffusion/bsr_sr.py")
+    assert sr.conditioning_key == "concat" and sr.data.condition.kind == "low_res"
+    assert (sr.data.condition.factor, sr.data.condition.degradation) == (4, "bsr_light")
+    inpaint = load_config("configs/diffusion/inpainting_big.py")
+    assert inpaint.data.condition.kind == "inpaint" and inpaint.optim.schedule == "warmup_cosine"
+    assert unet_configs.PAPER_UNETS["inpainting_big"]["resblock_updown"]
+    fs = load_config("configs/autoencoder/vq_f4_noattn.py")
+    assert fs.model.attn_type == "none" and fs.model.type == "vq" and fs.model.n_embed == 8192

@@ -5,7 +5,10 @@ The cache is a TFDS dataset in array_record, read like any other source. Example
 example i of the split (no shuffling) with `latent` float32 [h, w, k] — the KL posterior's
 moments (mean and logvar, k = 2c, so each training step still draws a fresh posterior
 sample, as without the cache) or the VQ encoder's pre-quantisation output (k = c) — and
-`label` / `caption` (a list of captions) when the dataset has them.
+`label` / `caption` (a list of captions) when the dataset has them, and `image` (uint8
+[S, S, 3], the centre crop that was encoded) when the run has a dense condition
+(`data.condition`): conditions that are random per example (degradations, masks) are then
+made from it on the fly, as without the cache.
 
 Encoding runs on the whole mesh (every process encodes its slice of each batch); process 0
 gathers the codes and writes. `provenance.json` records what the cache was made from
@@ -33,6 +36,7 @@ from ldm_jax.errors import UserError
 
 PROVENANCE = "provenance.json"
 FORMAT_VERSION = 1
+_ADDED_KEYS = {"with_images": False}  # provenance keys added since format 1: their defaults
 
 
 class LatentCacheBuilder(ProjectBuilder, skip_registration=True):
@@ -86,7 +90,13 @@ def provenance(config, first_stage) -> dict:
         "image_key": d.image_key,
         "label_key": d.label_key,
         "caption_key": d.caption_key,
+        "with_images": _with_images(config),
     }
+
+
+def _with_images(config) -> bool:
+    cond = config.data.get("condition")
+    return bool(cond) and cond.get("kind", "none") != "none"
 
 
 def check_cacheable(config) -> None:
@@ -97,16 +107,12 @@ def check_cacheable(config) -> None:
             f"and data.flip={d.flip}: a cache would freeze one random crop/flip per image. Set "
             "data.crop='center' and data.flip=False, or disable latent_cache."
         )
-    if config.conditioning_key in ("concat", "hybrid"):
-        raise UserError(
-            f"latent_cache cannot serve conditioning_key={config.conditioning_key!r}: the "
-            "dense condition is made from the image, which the cache does not hold. Disable "
-            "latent_cache for this experiment."
-        )
 
 
-def _features(source: Source, label_key, caption_key, shape) -> tfds.features.FeaturesDict:
+def _features(label_key, caption_key, shape, image_size) -> tfds.features.FeaturesDict:
     feats = {"latent": tfds.features.Tensor(shape=shape, dtype=np.float32)}
+    if image_size:
+        feats["image"] = tfds.features.Tensor(shape=(image_size, image_size, 3), dtype=np.uint8)
     if label_key:
         feats["label"] = tfds.features.Scalar(dtype=np.int64)
     if caption_key:
@@ -115,9 +121,10 @@ def _features(source: Source, label_key, caption_key, shape) -> tfds.features.Fe
 
 
 def _encoded_batches(config, encode_fn, mesh_run, total: int):
-    """Yields (global index of the first row, codes [n, h, w, k] numpy) on every process;
-    the codes of all processes are gathered and the last batch's padding dropped (the
-    eval batches hold examples in order, so n follows from `total`)."""
+    """Yields (global index of the first row, codes [n, h, w, k] numpy, uint8 images
+    [n, S, S, 3] or None) on every process; the rows of all processes are gathered and the
+    last batch's padding dropped (the eval batches hold examples in order, so n follows
+    from `total`)."""
     batch_size = config.latent_cache.batch_size
     data_cfg = config.data.copy_and_resolve_references()
     with data_cfg.unlocked():
@@ -126,9 +133,13 @@ def _encoded_batches(config, encode_fn, mesh_run, total: int):
     for local in pipeline.eval_batches(
         data_cfg, global_batch_size=batch_size, split=config.data.train_split
     ):
-        codes = mesh_run.all_rows(encode_fn(mesh_run.to_global({"image": local["image"]})["image"]))
+        images = mesh_run.to_global({"image": local["image"]})["image"]
+        codes = mesh_run.all_rows(encode_fn(images))
         n = min(batch_size, total - start)
-        yield start, codes[:n]
+        kept = None
+        if _with_images(config):  # the exact uint8 crops back from [-1, 1]
+            kept = np.rint((mesh_run.all_rows(images)[:n] + 1.0) * 127.5).astype(np.uint8)
+        yield start, codes[:n], kept
         start += n
 
 
@@ -145,11 +156,12 @@ def build(config, first_stage, encode_fn, mesh_run) -> Source:
     prov_path = root / PROVENANCE
     if prov_path.exists():
         found = json.loads(prov_path.read_text())
-        diff = [k for k in expected if found.get(k) != expected[k]]
+        # Caches written before a key existed hold its default.
+        diff = [k for k in expected if found.get(k, _ADDED_KEYS.get(k)) != expected[k]]
         if diff:
             k = diff[0]
             raise UserError(
-                f"the latent cache {root} was made from {k}={found.get(k)!r}, but this run "
+                f"the latent cache {root} was made from {k}={found.get(k, _ADDED_KEYS.get(k))!r}, but this run "
                 f"has {k}={expected[k]!r}. It is left as it is: delete it to re-encode, or "
                 "set config.latent_cache.dir to another directory."
             )
@@ -174,11 +186,13 @@ def _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw)
         print(f"latent cache: encoding {len(raw)} examples of {d.name}/{d.train_split} -> {root}")
 
         def examples():
-            for start, codes in batches:
+            for start, codes, images in batches:
                 for j, code in enumerate(codes):
                     i = start + j
                     example = raw[i]
                     out = {"latent": code.astype(np.float32)}
+                    if images is not None:
+                        out["image"] = images[j]
                     if label_key:
                         out["label"] = int(pipeline.lookup(example, label_key))
                     if caption_key:
@@ -190,7 +204,9 @@ def _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw)
         root.mkdir(parents=True, exist_ok=True)
         (root / PROVENANCE).write_text(json.dumps(expected, indent=2) + "\n")
         builder = LatentCacheBuilder(
-            features=_features(raw, label_key, caption_key, shape),
+            features=_features(
+                label_key, caption_key, shape, d.image_size if _with_images(config) else 0
+            ),
             examples=examples(),
             split=d.train_split,
             **builder_kw,

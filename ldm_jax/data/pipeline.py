@@ -101,10 +101,11 @@ class _Reader:
             s = self.s = SimpleNamespace(
                 **{**vars(s), "label_key": "label", "caption_key": "caption"}
             )
-            if s.condition.kind != "none":
+            if s.condition.kind != "none" and not source.has_feature("image"):
                 raise UserError(
-                    f"data.condition.kind={s.condition.kind!r} is made from the images, which a "
-                    "latent cache does not hold; disable latent_cache for this experiment."
+                    f"data.condition.kind={s.condition.kind!r} is made from the images, which "
+                    f"the latent cache {source.data_dir} does not hold; delete it to re-encode "
+                    "with the images, or disable latent_cache."
                 )
         elif not source.has_feature(s.image_key):
             raise UserError(
@@ -131,7 +132,12 @@ class _Reader:
         """`rng` draws crops, flips and captions (None: center crop, first caption);
         `condition_rng` the dense condition (data.condition), when there is one."""
         example = self.source[index]
-        out = {"latent": example["latent"]} if self.latent else self._image(index, example, rng)
+        if self.latent:  # its image (if any) is the encoded crop: conditions only
+            out = {"latent": example["latent"]}
+            if self.s.condition.kind != "none":
+                out["image"] = np.asarray(example["image"])
+        else:
+            out = self._image(index, example, rng)
         if self.s.condition.kind != "none":
             out |= conditions.make(self.s.condition, out["image"], condition_rng)
         if self.label_key:
@@ -168,10 +174,11 @@ class _Reader:
 
 
 def _collate(examples) -> dict:
+    batch = {}
     if "latent" in examples[0]:
-        batch = {"latent": np.stack([e["latent"] for e in examples]).astype(np.float32)}
-    else:
-        batch = {"image": transforms.to_float(np.stack([e["image"] for e in examples]))}
+        batch["latent"] = np.stack([e["latent"] for e in examples]).astype(np.float32)
+    if "image" in examples[0]:
+        batch["image"] = transforms.to_float(np.stack([e["image"] for e in examples]))
         conditions.collate(examples, batch)
     if "label" in examples[0]:
         batch["label"] = np.array([e["label"] for e in examples], np.int32)

@@ -81,6 +81,18 @@ PAPER_UNETS: dict[str, dict] = {
         num_head_channels=32, use_spatial_transformer=True, transformer_depth=1,
         context_dim=512,
     ),
+    # Super-resolution on VQ-f4 latents: the low-res image is concatenated (3 + 3 channels).
+    "bsr_sr": dict(
+        image_size=64, in_channels=6, out_channels=3, model_channels=160,
+        attention_resolutions=(16, 8), num_res_blocks=2, channel_mult=(1, 2, 2, 4),
+        num_head_channels=32,
+    ),
+    # Inpainting on VQ-f4-noattn latents: z, E(masked image) and the mask (3 + 3 + 1).
+    "inpainting_big": dict(
+        image_size=64, in_channels=7, out_channels=3, model_channels=256,
+        attention_resolutions=(8, 4, 2), num_res_blocks=2, channel_mult=(1, 2, 3, 4),
+        num_heads=8, num_head_channels=-1, resblock_updown=True,
+    ),
     # LDM-KL-8 text-to-image with the 1.4B-parameter model (BERT context 1280).
     "txt2img-1p4B": dict(_SD, image_size=32, num_heads=8, context_dim=1280),
     "sd-v1": dict(_SD, num_heads=8, context_dim=768),

@@ -25,7 +25,7 @@ from ldm_jax.diffusion import guidance, objectives, samplers, schedules
 from ldm_jax.errors import UserError
 from ldm_jax.models import unet_configs
 from ldm_jax.parallel.mesh_run import MeshRun
-from ldm_jax.training import accumulate, dense
+from ldm_jax.training import accumulate, dense, lr_schedules
 from ldm_jax.training import state as state_lib
 from ldm_jax.training.conditioner import Conditioner
 from ldm_jax.training.first_stage import FirstStage
@@ -69,10 +69,9 @@ class DiffusionTask(Task):
         self.unet = unet_configs.from_config(self.unet_config())
         lr = config.optim.base_learning_rate * (config.batch_size if config.optim.scale_lr else 1)
         self.learning_rate = lr
-        schedule = optax.linear_schedule(
-            0.0 if config.optim.warmup_steps else lr, lr, max(config.optim.warmup_steps, 1)
+        self.tx = optax.adamw(
+            lr_schedules.make(config.optim, lr), weight_decay=config.optim.weight_decay
         )
-        self.tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
 
     def unet_config(self):
         """config.model with the fields the task derives: channels from the first stage
