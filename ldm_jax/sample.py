@@ -6,10 +6,38 @@
     # text-to-image with imported Stable Diffusion weights (see ldm_jax.import_sd)
     python -m ldm_jax.sample --workdir runs/sd15 --prompts "a photo of a cat" --guidance 7.5
 
+    # super-resolution (a low_res run) / inpainting (an inpaint run) of an image file, at
+    # its own size: a run trained on 256x256 crops takes a larger image convolutionally
+    python -m ldm_jax.sample --workdir runs/sr --cond_image photo.png
+    python -m ldm_jax.sample --workdir runs/inpaint --cond_image photo.png --mask mask.png
+    # mask-guided inpainting with any run (unconditional, class, text, imported SD)
+    python -m ldm_jax.sample --workdir runs/sd15 --prompts "a cat" --cond_image photo.png \
+        --mask mask.png
+    # latents over 64 latent pixels on a side are decoded in overlapping tiles
+    python -m ldm_jax.sample --workdir runs/sr --cond_image big.png --decode_tile 32
+
 The run's config is read from its checkpoint, so only the workdir is needed; the state is
 restored onto the run's mesh (`config.mesh`, FSDP-sharded weights). Writes
 `<out>/samples.png` (one row per condition) and `<out>/samples.npz` holding `images`
 (uint8 [N, H, W, 3]) and, for class models, `labels` (int [N]).
+
+`--cond_image` is read as RGB at its own size (no resize); the output is the size the
+run's condition implies (the image's times the SR factor; the image's for inpainting),
+which must be a multiple of the first stage's factor times the UNet's downsampling.
+`--mask` is read as grayscale: white (>= 128) is the region to fill, the rest is kept
+(exactly: inpainted samples are composited with the image outside the mask); it must have
+the image's size. A run trained with an inpaint condition takes it at the UNet's input;
+any other run inpaints by mask guidance. The class labels or prompts still apply, one row
+each. With a condition image, each row of samples.png starts with the condition as a
+picture (the low-res image nearest-upscaled, or the masked image, black where it is to be
+filled), and samples.npz also holds it as `condition` (uint8 [1, H, W, 3]); `images` hold
+the samples only. `--init_image`, `--latent_size` and `--negative_prompt` do not combine
+with `--cond_image`.
+
+Decoding: a latent larger than `--decode_tile` latent pixels on a side is decoded in tiles
+of that size overlapping by `--decode_overlap` (default a quarter of a tile), blended with
+linear ramps (ldm_jax.training.tiling; approximate, since the first stage's GroupNorm and
+attention see a tile, not the image); `--decode_tile 0` never tiles.
 """
 
 from __future__ import annotations
@@ -47,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.75,
         help="with --init_image: how far up the sampler's grid to noise it, in (0, 1]",
+    )
+    p.add_argument(
+        "--cond_image",
+        default=None,
+        help="super-resolve or inpaint this image, at its own size (the run's condition; "
+        "with --mask, mask-guided inpainting for any run)",
+    )
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="with --cond_image: grayscale, of the image's size; white (>= 128) is filled",
+    )
+    p.add_argument(
+        "--decode_tile",
+        type=int,
+        default=64,
+        help="decode latents over this many latent pixels on a side in tiles of it (0: never)",
+    )
+    p.add_argument(
+        "--decode_overlap",
+        type=int,
+        default=None,
+        help="the decode tiles' overlap in latent pixels (default: a quarter of a tile)",
     )
     p.add_argument("--num_per_condition", type=int, default=4)
     p.add_argument("--sampler", default=None, help="ddpm, ddim, plms, dpm_solver_pp_2m")
@@ -152,31 +203,136 @@ def _draw_fn(task, mesh_run, shape, strength):
     return jax.jit(draw, out_shardings=out_sharding)
 
 
+def _read_image(path, mode: str, flag: str) -> np.ndarray:
+    """An image file as it is (no resize): uint8 [H, W, 3] (mode RGB) or [H, W] (L)."""
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path} not found.")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not an image PIL can read: {e}") from None
+
+
+def _user_condition(args):
+    """(--cond_image uint8 [H, W, 3], --mask bool [H, W] or None), or None without a
+    condition image; refuses the flags that do not combine with it."""
+    if args.cond_image is None:
+        if args.mask is not None:
+            raise UserError("--mask needs --cond_image: the image whose masked region to fill.")
+        return None
+    for flag, value, why in (
+        ("--init_image", args.init_image, "image-to-image starts from another image"),
+        ("--latent_size", args.latent_size, "the condition image sets the output size"),
+        ("--negative_prompt", args.negative_prompt, "conditioned sampling takes no negative prompt"),
+    ):  # fmt: skip
+        if value is not None:
+            raise UserError(f"{flag} does not combine with --cond_image ({why}); drop one.")
+    image = _read_image(args.cond_image, "RGB", "--cond_image")
+    if args.mask is None:
+        return image, None
+    mask = _read_image(args.mask, "L", "--mask") >= 128
+    if mask.shape != image.shape[:2]:
+        (mh, mw), (h, w) = mask.shape, image.shape[:2]
+        raise UserError(
+            f"--mask {args.mask} is {mw}x{mh} but --cond_image {args.cond_image} is {w}x{h}; "
+            "give a mask of the image's size."
+        )
+    return image, mask
+
+
+def _tiling(args) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels; tile 0: never tile."""
+    from ldm_jax.training import tiling
+
+    tile = args.decode_tile
+    if tile < 0:
+        raise UserError(f"--decode_tile {tile}: give a tile size in latent pixels, or 0.")
+    overlap = tile // 4 if args.decode_overlap is None else args.decode_overlap
+    if tile:
+        try:
+            tiling.check_tiling(tile, overlap)
+        except UserError as e:
+            raise UserError(f"--decode_tile {tile} --decode_overlap {overlap}: {e}") from None
+    return tile, overlap
+
+
+def _condition_arrays(task, user, n: int):
+    """(the condition's arrays repeated n times, the output size) of a user image/mask."""
+    image, mask = user
+    condition = task.dense.user_inputs(image, mask)
+    h, w = task.dense.output_size(*image.shape[:2])  # SR: times its factor
+    task.check_sample_size(h, w)
+    return {k: np.repeat(np.asarray(v), n, axis=0) for k, v in condition.items()}, (h, w)
+
+
+def _condition_draw_fn(task, mesh_run, n: int):
+    """A jitted (state, frozen, inputs, condition, rng) -> images on the mesh:
+    `task.sample_from_condition`."""
+    import jax
+
+    split = n % mesh_run.batch_shards == 0
+    out_sharding = mesh_run.batch_sharding if split else mesh_run.replicated
+
+    def draw(state, frozen, inputs, condition, rng):
+        return task.sample_from_condition(state, frozen, inputs, rng, condition)
+
+    return jax.jit(draw, out_shardings=out_sharding)
+
+
+def _dense_hint(task) -> str:
+    mask = " --mask MASK.png (white: the region to fill)" if task.dense.kind == "inpaint" else ""
+    return (
+        f"this run samples from a {task.dense.kind} condition: give --cond_image IMAGE.png{mask}."
+    )
+
+
 def run(args) -> dict:
     import jax
 
     from ldm_jax.parallel import distributed
+    from ldm_jax.training import tiling
     from ldm_jax.training.restore import open_run
 
     if args.num_per_condition < 1:
         raise UserError(f"--num_per_condition {args.num_per_condition}: draw at least 1.")
+    user = _user_condition(args)  # unreadable files and flags that clash fail before any work
+    tile, overlap = _tiling(args)
     distributed.initialize()
     workdir = pathlib.Path(args.workdir).absolute()
     restored = open_run(workdir, args.step, "diffusion", _overrides(args))
     task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
+    if task.concat and user is None:
+        raise UserError(_dense_hint(task))
     conds = _conditions(args, task)
-    uncond = _negative_inputs(args, task, sampling, n)
-    size = args.latent_size or task.latent_size
-    init = _init_images(args, task, sampling, size, n)
-    shape = (n, size, size, task.first_stage.latent_channels)
-    strength = args.strength if init is not None else None
+    f = task.first_stage.factor
+    if user is not None:
+        condition, (height, width) = _condition_arrays(task, user, n)
+        latent_hw, uncond, init, strength = (height // f, width // f), None, None, None
+    else:
+        uncond = _negative_inputs(args, task, sampling, n)
+        size = args.latent_size or task.latent_size
+        init = _init_images(args, task, sampling, size, n)
+        latent_hw, strength = (size, size), (args.strength if args.init_image else None)
+    tiled = tiling.needs_tiles(latent_hw, tile)
+    draw_task = tiling.with_tiled_decode(task, tile, overlap) if tiled else task
     rows, mesh_run = [], restored.mesh_run
     with jax.set_mesh(mesh_run.mesh):
-        draw = _draw_fn(task, mesh_run, shape, strength)
+        if user is not None:
+            draw = _condition_draw_fn(draw_task, mesh_run, n)
+        else:
+            shape = (n, *latent_hw, task.first_stage.latent_channels)
+            draw = _draw_fn(draw_task, mesh_run, shape, strength)
         for i, cond in enumerate(conds):
             rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
             inputs = task.cond.inputs([cond] * n)
-            images = draw(restored.state, mesh_run.frozen, inputs, uncond, init, rng)
+            if user is not None:
+                images = draw(restored.state, mesh_run.frozen, inputs, condition, rng)
+            else:
+                images = draw(restored.state, mesh_run.frozen, inputs, uncond, init, rng)
             rows.append(images_lib.to_uint8(mesh_run.all_rows(images)))
     labels = np.repeat(np.asarray(conds), n) if task.cond.kind == "class" else None
     if jax.process_index() != 0:
@@ -186,24 +342,37 @@ def run(args) -> dict:
         "steps": sampling.steps, "guidance_scale": sampling.guidance_scale, "seed": args.seed,
         "conditions": conds, "negative_prompt": args.negative_prompt,
         "init_image": args.init_image, "strength": strength, "num_per_condition": n,
+        "cond_image": args.cond_image, "mask": args.mask,
+        "decode_tiles": [tile, overlap] if tiled else None,
     }  # fmt: skip
+    shown = None
+    if user is not None:  # the condition as a picture, the first column of each row
+        shown = images_lib.to_uint8(task.condition_images({k: v[:1] for k, v in condition.items()}))
     out = pathlib.Path(args.out) if args.out else workdir / "samples"
-    return _write(out, rows, labels, settings)
+    return _write(out, rows, labels, settings, shown)
 
 
-def _write(out: pathlib.Path, rows: list, labels, settings: dict) -> dict:
-    """samples.npz, samples.png (a row per condition) and samples.json in `out`."""
+def _write(out: pathlib.Path, rows: list, labels, settings: dict, shown=None) -> dict:
+    """samples.npz, samples.png (a row per condition, `shown` first in each when given)
+    and samples.json in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     images = np.concatenate(rows)
     arrays = {"images": images}
     if labels is not None:
         arrays["labels"] = labels.astype(np.int64)
+    grid_rows = rows
+    if shown is not None:
+        arrays["condition"] = shown
+        grid_rows = [np.concatenate([shown, row]) for row in rows]
     np.savez(out / "samples.npz", **arrays)
     upscale = max(1, 128 // images.shape[1])
-    images_lib.save_png(out / "samples.png", images_lib.image_grid(rows), upscale=upscale)
+    images_lib.save_png(out / "samples.png", images_lib.image_grid(grid_rows), upscale=upscale)
     (out / "samples.json").write_text(json.dumps(settings, indent=2, default=int) + "\n")
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'} ({len(images)} images)")
-    return {"images": images, "labels": labels, "out": str(out)}
+    result = {"images": images, "labels": labels, "out": str(out)}
+    if shown is not None:
+        result["condition"] = shown
+    return result
 
 
 if __name__ == "__main__":

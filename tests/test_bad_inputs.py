@@ -7,8 +7,10 @@ in this process, as `main(argv)`."""
 import concurrent.futures
 import shutil
 
+import numpy as np
 import pytest
 from helpers import listing
+from PIL import Image
 from toy import AE_CONFIG, run_module
 
 
@@ -22,7 +24,12 @@ def runs(tmp_path_factory, diffusion_run, tiny_autoencoder_run):
     shutil.copytree(tiny_autoencoder_run[0], ae)
     a_file = root / "a_file.txt"
     a_file.write_text("not a run\n")
-    return {"ldm": ldm, "ae": ae, "file": a_file, "root": root}
+    images = {}  # condition images and masks for the sample command's --cond_image / --mask
+    for name, shape in (("photo30", (30, 30, 3)), ("mask30", (30, 30)), ("photo32", (32, 32, 3)),
+                        ("mask32", (32, 32))):  # fmt: skip
+        images[name] = root / f"{name}.png"
+        Image.fromarray(np.full(shape, 200, np.uint8)).save(images[name])
+    return {"ldm": ldm, "ae": ae, "file": a_file, "root": root, "images": images}
 
 
 def _train_cases(runs, data_dir):
@@ -54,6 +61,7 @@ def _train_cases(runs, data_dir):
 
 def _command_cases(runs, tmp):
     ldm, ae, a_file = str(runs["ldm"]), str(runs["ae"]), str(runs["file"])
+    img = {k: f"={v}" for k, v in runs["images"].items()}
     missing = str(tmp / "no_such_run")
     sample = lambda *a: ("ldm_jax.sample", [f"--workdir={ldm}", "--steps=2", *a])  # noqa: E731
     evaluate = lambda *a: ("ldm_jax.evaluate", [f"--workdir={ldm}", *a])  # noqa: E731
@@ -98,6 +106,31 @@ def _command_cases(runs, tmp):
             "sample: init image not an image",
             *sample("--labels=1", f"--init_image={a_file}"),
             "a_file.txt",
+        ),  # fmt: skip
+        (
+            "sample: condition image without a mask on a run without a dense condition",
+            *sample("--labels=1", "--cond_image" + img["photo32"]),
+            "no dense condition",
+        ),  # fmt: skip
+        (
+            "sample: mask-guided output size not a multiple",
+            *sample("--labels=1", "--cond_image" + img["photo30"], "--mask" + img["mask30"]),
+            "multiples of 8",
+        ),  # fmt: skip
+        (
+            "sample: mask of another size than the condition image",
+            *sample("--labels=1", "--cond_image" + img["photo30"], "--mask" + img["mask32"]),
+            "32x32 but",
+        ),  # fmt: skip
+        (
+            "sample: condition image not an image",
+            *sample("--labels=1", f"--cond_image={a_file}", "--mask" + img["mask32"]),
+            "a_file.txt",
+        ),  # fmt: skip
+        (
+            "sample: negative prompt with a condition image",
+            *sample("--labels=1", "--negative_prompt=x", "--cond_image" + img["photo32"]),
+            "--negative_prompt",
         ),  # fmt: skip
         ("sample: no checkpoint at that step", *sample("--labels=1", "--step=999"), "999"),
         (
