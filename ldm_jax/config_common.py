@@ -380,3 +380,51 @@ def from_stored(stored: Mapping) -> ml_collections.ConfigDict:
         return out
 
     return typed(stored, _stage_defaults(stored.get("stage", "autoencoder")))
+
+
+def photo_ldm_config(condition: str, steps: int, runlocal: bool) -> ml_collections.ConfigDict:
+    """The CPU restoration experiments on the embedded photo_crops (64² crops; test crops
+    from photos never trained on), in the latents of the quickstart's KL-f4 autoencoder
+    (64² -> 16x16x3): `condition` 'low_res' (4x super-resolution, 16² -> 64², bicubic),
+    'inpaint' (large masks) or 'none' (unconditional: inpaints by mask guidance)."""
+    c = diffusion_config(
+        first_stage_workdir="runs/quickstart/autoencoder",
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(4,),
+        num_head_channels=32,
+    )
+    c.model.num_res_blocks = 1
+    c.model.norm_groups = 16
+    if condition != "none":
+        c.conditioning_key = "concat"
+        c.data.condition.update(kind=condition, factor=4, degradation="bicubic")
+    c.diffusion.scale_by_std = True
+    c.diffusion.loss_type = "l1" if condition == "inpaint" else "l2"
+    c.optim.base_learning_rate = 2.0e-5  # x batch 16 = 3.2e-4
+    c.optim.warmup_steps = 100
+    c.ema.decay = 0.999
+    c.batch_size = 16
+    c.data.name = "photo_crops"
+    c.data.image_size = 64
+    c.data.resize = None
+    c.data.crop = "center"  # the crops are 64² already
+    c.data.flip = False
+    c.data.eval_split = "test"
+    c.latent_cache.enabled = True  # encode the crops once; conditions are drawn per step
+    c.train.num_steps = steps
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.eval_every = steps
+    c.train.eval_examples = 256
+    c.train.eval_batch_size = 64
+    c.train.image_every = steps
+    c.train.num_image_rows = 8
+    c.sampling.update(sampler="ddim", steps=50, grid_rows=2)
+    if runlocal:
+        shrink_diffusion(c)
+        c.model.channel_mult = (1, 2)
+        c.model.attention_resolutions = (2,)
+        c.data.image_size = 32
+        c.latent_cache.enabled = False
+    return c

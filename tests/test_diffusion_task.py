@@ -74,7 +74,10 @@ def test_missing_first_stage_is_a_clear_error(tmp_path, data_dir):
     assert "holds no autoencoder checkpoints" in proc.stderr and "nowhere" in proc.stderr
 
 
-def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir):
+@pytest.mark.parametrize("condition", ["none", "low_res", "inpaint"])
+def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, condition):
+    """A step on 8 fake devices equals one device's, also with a dense condition
+    concatenated (low-res image; encoded masked image and mask)."""
     import functools
 
     from flax import linen as nn
@@ -82,14 +85,22 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir):
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training.diffusion import DiffusionTask
 
-    config = tiny_diffusion_config(tiny_autoencoder_run[0], batch_size=8)
+    dense = {} if condition == "none" else {"conditioning_key": "hybrid"}
+    config = tiny_diffusion_config(
+        tiny_autoencoder_run[0], batch_size=8, data__condition__kind=condition, **dense
+    )
     task = DiffusionTask(config)
+    assert task.unet.in_channels == {"none": 3, "low_res": 6, "inpaint": 7}[condition]
     frozen = task.frozen_params()
     state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))
-    batch = {
-        "image": jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3), minval=-1),
-        "label": jnp.arange(8, dtype=jnp.int32) % 10,
-    }
+    images = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3), minval=-1)
+    batch = {"image": images, "label": jnp.arange(8, dtype=jnp.int32) % 10}
+    if condition == "low_res":
+        batch["low_res"] = images[:, ::4, ::4]
+    if condition == "inpaint":
+        mask = (jax.random.uniform(jax.random.PRNGKey(4), (8, 32, 32, 1)) > 0.6).astype(jnp.float32)
+        batch.update(inpaint_mask=mask, masked_image=jnp.where(mask > 0, -1.0, images))
+    batch = task.device_batch(batch)
     rng = jax.random.PRNGKey(2)
     one = jax.device_get(jax.jit(task.train_step)(state, batch, rng, frozen))
 
