@@ -149,6 +149,11 @@ def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
     )(new_state, frozen, task.cond.labels_inputs([0, 1, 2, 3]), {"low_res": low},
       jax.random.PRNGKey(3))  # fmt: skip
     assert x.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x) <= 1.0))
+    # The grid: the images, their low-res inputs (nearest-upscaled), then the samples.
+    grid = task.sample_grid(new_state, batch, 4, frozen)
+    assert len(grid) == 2 + config.sampling.grid_rows
+    assert all(row.shape == (4, 32, 32, 3) and row.dtype == np.uint8 for row in grid)
+    np.testing.assert_array_equal(grid[1][:, ::4, ::4], grid[1][:, 3::4, 3::4])
 
 
 def test_evaluators_in_the_loop_and_the_command_agree(diffusion_run, data_dir, tmp_path):

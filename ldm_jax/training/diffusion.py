@@ -362,7 +362,9 @@ class DiffusionTask(Task):
             return guidance.guided_model_fn(model_fn, inputs, uncond, scale)
         return lambda x, t: model_fn(x, t, inputs)
 
-    def sample_from_condition(self, state, frozen, inputs, rng, condition: dict, sampling=None):
+    def sample_from_condition(
+        self, state, frozen, inputs, rng, condition: dict, sampling=None, uncond=None
+    ):
         """Images [B, H, W, 3] in [-1, 1] sampled from a dense condition, at the size it
         implies (any size `check_sample_size` accepts: convolutional sampling).
 
@@ -371,7 +373,7 @@ class DiffusionTask(Task):
         trained with the condition takes it at the UNet's input; a run without an inpaint
         condition inpaints by mask guidance (`known`): the kept latents are E(image) where
         no pixel of their f x f patch is masked. Inpainted images keep the original
-        outside the mask (the reference's composite).
+        outside the mask (the reference's composite). `uncond` is `sample_latents`'.
         """
         f, c = self.first_stage.factor, self.first_stage.latent_channels
         if self.dense.kind == "low_res":
@@ -393,7 +395,7 @@ class DiffusionTask(Task):
         dense_inputs = self.dense.host_inputs(condition) if self.concat else None
         x = self.sample(
             state, frozen, inputs, rng, dense=dense_inputs, shape=(b, h // f, w // f, c),
-            sampling=sampling, known=known,
+            sampling=sampling, known=known, uncond=uncond,
         )  # fmt: skip
         if "inpaint_mask" in condition:
             mask = condition["inpaint_mask"]
@@ -454,14 +456,15 @@ class DiffusionTask(Task):
         grid = []
         if self.concat or self.cond.is_text:
             grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
-        dense_inputs = self.dense.host_inputs(batch)
+        condition = {}
         if self.concat:
-            shown = self.condition_images({k: MeshRun.all_rows(v) for k, v in dense_inputs.items()})
+            condition = {"image": batch["image"], **self.dense.host_inputs(batch)}
+            shown = self.condition_images({k: MeshRun.all_rows(v) for k, v in condition.items()})
             grid.append(images_lib.to_uint8(shown[:cols]))
         fn = self._sampler_fn(cols)
         for r in range(self.config.sampling.grid_rows):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 17), r)
-            x = fn(state, frozen, inputs, dense_inputs, rng)
+            x = fn(state, frozen, inputs, condition, rng)
             grid.append(images_lib.to_uint8(MeshRun.all_rows(x)))
         return grid
 
@@ -479,12 +482,12 @@ class DiffusionTask(Task):
         if n not in cache:
             s, c = self.latent_size, self.first_stage.latent_channels
 
-            def fn(state, frozen, inputs, dense_inputs, rng):
+            def fn(state, frozen, inputs, condition, rng):
                 inputs = {k: v[:n] for k, v in inputs.items()}
-                dense_inputs = {k: v[:n] for k, v in dense_inputs.items()} or None
-                return self.sample(
-                    state, frozen, inputs, rng, dense=dense_inputs, shape=(n, s, s, c)
-                )
+                if self.concat:  # inpainting keeps the image outside the mask
+                    condition = {k: v[:n] for k, v in condition.items()}
+                    return self.sample_from_condition(state, frozen, inputs, rng, condition)
+                return self.sample(state, frozen, inputs, rng, shape=(n, s, s, c))
 
             cache[n] = jax.jit(fn)
         return cache[n]
