@@ -420,7 +420,9 @@ def photo_ldm_config(condition: str, steps: int, runlocal: bool) -> ml_collectio
     c.train.eval_batch_size = 64
     c.train.image_every = steps
     c.train.num_image_rows = 8
-    c.sampling.update(sampler="ddim", steps=50, grid_rows=2)
+    # eta = 1: deterministic DDIM (eta 0) carries the large x0 errors of the noisiest
+    # steps through to the end as colour-noise blobs (SR test PSNR 17.3 dB vs 20.9 dB).
+    c.sampling.update(sampler="ddim", steps=50, eta=1.0, grid_rows=2)
     if runlocal:
         shrink_diffusion(c)
         c.model.channel_mult = (1, 2)
