@@ -9,6 +9,21 @@
     # an autoencoder run: rFID, PSNR, SSIM, LPIPS of held-out reconstructions
     python -m ldm_jax.evaluate --workdir runs/quickstart/autoencoder --metric rfid \
         --metric psnr --num_samples 600
+    # a super-resolution or inpainting run (a dense condition): held-out images of the
+    # eval split restored from the conditions the pipeline draws (data.condition.eval_seed),
+    # beside bicubic upsampling / biharmonic inpainting of the same inputs
+    python -m ldm_jax.evaluate --workdir runs/sr --metric psnr --metric ssim --metric lpips \
+        --metric fid --num_samples 500
+    python -m ldm_jax.evaluate --workdir runs/inpaint --metric fid --metric lpips \
+        --metric l1_masked --metric lpips_masked
+    # mask-guided inpainting by a run without a dense condition (e.g. unconditional)
+    python -m ldm_jax.evaluate --workdir runs/uncond --config.data.condition.kind=inpaint \
+        --metric lpips_masked --metric l1_masked
+
+Restoration results: `NAME` for the run, `bicubic/NAME` or `biharmonic/NAME` for the
+baseline (ldm_jax.evaluation.metrics lists them); their FID is against the originals of
+the same held-out images (no reference statistics). `--config.data.condition.KEY=VALUE`
+changes the held-out conditions (e.g. eval_seed, coverage, degradation).
 
 The dataset is the run's own (`--dataset` / `--data_dir` override it). Reference
 statistics are computed once per (dataset, split, size, count) and cached under
@@ -35,7 +50,8 @@ _SETTINGS = (
 )  # fmt: skip
 _HELP = {
     "num_reference": "reference images (default: the whole split)",
-    "split": "reference split (default: train) / autoencoder split (default: eval split)",
+    "split": "reference split (default: train) / held-out split of autoencoder and "
+    "restoration evaluations (default: eval split)",
     "sampler": "ddpm, ddim, plms, dpm_solver_pp_2m (default: the run's)",
     "guidance": "classifier-free guidance scale (default: the run's)",
     "batch_size": "global batch (default: the multiple of the mesh's batch shards <= 64)",
@@ -64,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--metric", action="append", required=True,
-                   choices=metrics.names("diffusion") + metrics.names("autoencoder"))  # fmt: skip
+                   choices=metrics.names(*metrics.RUN_EVALUATIONS["diffusion"], "autoencoder"))  # fmt: skip
     p.add_argument("--dataset", default=None, help="TFDS name (default: the run's)")
     p.add_argument("--data_dir", default=None)
     _add_setting_flags(p, settings.default_config())
@@ -78,16 +94,22 @@ def run(args) -> dict:
     from ldm_jax import runtime
     from ldm_jax.evaluation import metrics, runner, settings
     from ldm_jax.parallel import distributed
+    from ldm_jax.training.dense import CONCAT_KEYS
     from ldm_jax.training.restore import open_run
 
     distributed.initialize()
 
     run_overrides = [(k, v) for k, v in args.config_overrides if not k.startswith("evaluation.")]
     eval_overrides = [(k, v) for k, v in args.config_overrides if k.startswith("evaluation.")]
+    held = []  # data.condition overrides of a run without a dense condition
 
     def overrides(config):
         metrics.check_metrics(config.stage, args.metric)
-        runtime.apply_config_overrides(config, run_overrides)
+        # A run without a dense condition is built as trained (its task refuses one) and
+        # evaluated with the condition asked for (data.condition.kind=inpaint: mask guidance).
+        later = config.stage == "diffusion" and config.get("conditioning_key") not in CONCAT_KEYS
+        held[:] = [(k, v) for k, v in run_overrides if later and k.startswith("data.condition.")]
+        runtime.apply_config_overrides(config, [o for o in run_overrides if o not in held])
         with config.unlocked():
             if args.dataset:
                 config.data.name = args.dataset
@@ -96,6 +118,9 @@ def run(args) -> dict:
 
     restored = open_run(args.workdir, args.step, overrides=overrides)
     config, step = restored.config, restored.step
+    if held:
+        config = config.copy_and_resolve_references()
+        runtime.apply_config_overrides(config, held)
     eval_settings = settings.default_config()
     eval_settings.metrics = tuple(sorted(set(args.metric)))
     for key in _SETTINGS:

@@ -5,14 +5,31 @@ each of them (`update`) and gives its figures at the end (`result`). A batch hol
 process's rows only; metrics add them to float64 sums that are combined exactly across
 processes, so the figures do not depend on the mesh or the process count.
 
+Metrics belong to one of three evaluations (`Metric.stage`; `evaluation_stage` picks a
+run's): `diffusion` (the samples of a diffusion run), `restoration` (a diffusion run with a
+dense condition, or any diffusion run with `data.condition.kind='inpaint'` inpainting by
+mask guidance: held-out images of the eval split restored from their conditions) and
+`autoencoder` (held-out reconstructions). A name may mean a metric in several of them.
+
     metric            stage        needs
     fid               diffusion    Inception pool3 + reference statistics of a split
     is                diffusion    Inception logits (pytorch-fid's weights file)
     precision_recall  diffusion    pool3 of samples and reference images (k-NN, k=pr_k)
     accuracy          diffusion    class-conditional digits run (SVM on the real digits)
     digits_is         diffusion    IS with the digits SVM's class probabilities
+    psnr, ssim        restoration  outputs and originals in [-1, 1] (data range 2)
+    lpips             restoration  the LPIPS-VGG16 network (models/lpips.py)
+    fid               restoration  Inception pool3 of outputs and of the originals
+    l1_masked         restoration  inpaint: mean |output - original| inside the mask, in [0, 1]
+    lpips_masked      restoration  inpaint: the spatial LPIPS map averaged inside the mask
     rfid              autoencoder  Inception pool3 of originals and reconstructions
     psnr, ssim, lpips autoencoder  the task's per-example eval step
+
+Restoration metrics give each figure for the run's outputs (key `name`) and for the
+classical baseline's outputs of the same inputs (key `<baseline>/name`: `bicubic/` for
+super-resolution, `biharmonic/` for inpainting; evaluation/baselines.py). Per-image
+figures are averaged over the images; l1_masked and lpips_masked average each image's
+masked pixels first.
 """
 
 from __future__ import annotations
@@ -38,6 +55,11 @@ class Batch:
     real_features: dict | None = None  # autoencoder: Inception outputs of the originals
     example_sums: dict | None = None  # autoencoder: global sums of per-example metrics
     example_count: float = 0.0  # the real examples those sums cover
+    # restoration: float [n, H, W, 3] in [-1, 1]; `real_features` are the originals'
+    originals: np.ndarray | None = None
+    outputs: dict | None = None  # {side: images}: "model", then the baseline's name
+    side_features: dict | None = None  # {side: Inception outputs of its images}
+    inpaint_mask: np.ndarray | None = None  # inpaint: float [n, H, W, 1], 1 = filled
 
 
 class Context:
@@ -81,7 +103,7 @@ class Context:
 
 class Metric:
     name = ""
-    stage = ""
+    stage = ""  # "diffusion", "restoration" or "autoencoder" (see the module docstring)
     needs_inception = False  # the evaluator runs the Inception network on each batch
     needs_logits = False  # ... with its classifier head
 
@@ -99,20 +121,30 @@ class Metric:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, type[Metric]] = {}
+REGISTRY: dict[tuple[str, str], type[Metric]] = {}  # (stage, name) -> class
+# The evaluations a run of each stage can have.
+RUN_EVALUATIONS = {"diffusion": ("diffusion", "restoration"), "autoencoder": ("autoencoder",)}
+RESTORATION_KINDS = ("low_res", "inpaint")
 
 
 def register(cls: type[Metric]) -> type[Metric]:
-    REGISTRY[cls.name] = cls
+    REGISTRY[(cls.stage, cls.name)] = cls
     return cls
 
 
-def names(stage: str) -> tuple[str, ...]:
-    return tuple(name for name, cls in REGISTRY.items() if cls.stage == stage)
+def names(*stages: str) -> tuple[str, ...]:
+    """The metric names of these evaluations, each once, in registration order."""
+    return tuple(dict.fromkeys(name for stage, name in REGISTRY if stage in stages))
+
+
+def metric_class(stage: str, name: str) -> type[Metric]:
+    return REGISTRY[(stage, name)]
 
 
 def check_metrics(stage: str, metrics) -> None:
-    allowed = names(stage)
+    """Names that no evaluation of a `stage` run has are refused (before the run is
+    opened); `check_run` then checks them against the run's own evaluation."""
+    allowed = names(*RUN_EVALUATIONS.get(stage, (stage,)))
     bad = [m for m in metrics if m not in allowed]
     if bad:
         raise UserError(
@@ -120,6 +152,66 @@ def check_metrics(stage: str, metrics) -> None:
         )
     if not metrics:
         raise UserError(f"no metric named: give at least one of {list(allowed)}.")
+
+
+def restoration_kind(config, task) -> str | None:
+    """'low_res' or 'inpaint' where a diffusion run is evaluated on held-out conditions:
+    its dense condition, or `data.condition.kind='inpaint'` set for a run without one
+    (mask-guided inpainting); None otherwise (sample metrics)."""
+    if config.stage != "diffusion":
+        return None
+    from ldm_jax.data import conditions
+
+    asked = conditions.settings(config.data.get("condition")).kind
+    trained = task.dense.kind
+    if trained != "none":
+        if asked != trained:
+            raise UserError(
+                f"this run was trained on a {trained} condition; data.condition.kind={asked!r} "
+                f"cannot be evaluated with it (leave it at {trained!r})."
+            )
+        return trained
+    if asked == "low_res":
+        raise UserError(
+            "data.condition.kind='low_res' needs a run trained on the low-res image "
+            "(conditioning_key 'concat'); a run without a dense condition is evaluated on "
+            "inpainting only (mask guidance): data.condition.kind='inpaint'."
+        )
+    return "inpaint" if asked == "inpaint" else None
+
+
+def restoration_names(kind: str) -> list[str]:
+    """The restoration metrics that apply to a condition kind."""
+    return [n for (st, n), cls in REGISTRY.items() if st == "restoration" and kind in cls.kinds]
+
+
+def evaluation_stage(config, task) -> str:
+    """The run's evaluation: 'autoencoder', 'diffusion' (its samples) or 'restoration'."""
+    return "restoration" if restoration_kind(config, task) else config.stage
+
+
+def check_run(config, task, metrics) -> str:
+    """Refuses, in one line, a metric the run's evaluation does not have or that cannot
+    apply to the run; returns the evaluation stage."""
+    check_metrics(config.stage, metrics)
+    stage = evaluation_stage(config, task)
+    allowed = names(stage)
+    bad = [m for m in metrics if m not in allowed]
+    if bad and stage == "restoration":
+        kind = restoration_kind(config, task)
+        raise UserError(
+            f"metric {bad[0]!r} is a sample metric; this {kind} run is evaluated on held-out "
+            f"restorations: use any of {restoration_names(kind)}."
+        )
+    if bad:
+        raise UserError(
+            f"metric {bad[0]!r} measures restorations of held-out images: it needs a run with "
+            "a dense condition (low_res, inpaint), or data.condition.kind='inpaint' for "
+            f"mask-guided inpainting; this run's sample metrics are {list(allowed)}."
+        )
+    for name in metrics:
+        REGISTRY[(stage, name)].check(config, task)
+    return stage
 
 
 def _sum_over_processes(x: np.ndarray) -> np.ndarray:
@@ -296,3 +388,173 @@ class ExampleMean(Metric):
 
 for _name in ("psnr", "ssim", "lpips"):
     register(type(_name.upper(), (ExampleMean,), {"name": _name}))
+
+
+# ----- restoration ----------------------------------------------------------------------
+def _exact_sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """The float64 sum of `x` over every process, added in process order (the bytes
+    travel: jax arrays would round float64 to float32)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    x = np.asarray(x, np.float64)
+    if jax.process_count() == 1:
+        return x
+    gathered = multihost_utils.process_allgather(x.ravel().view(np.uint8))
+    parts = np.asarray(gathered).reshape(jax.process_count(), -1).view(np.float64)
+    total = np.zeros(x.size, np.float64)
+    for part in parts:
+        total += part
+    return total.reshape(x.shape)
+
+
+def result_key(side: str, name: str) -> str:
+    """`name` for the run's outputs, `<baseline>/name` for the baseline's."""
+    return name if side == "model" else f"{side}/{name}"
+
+
+class RestorationMetric(Metric):
+    """The mean over the real images of a per-image figure `per_image(outputs, batch)`
+    of each side's outputs against the originals: the run's and the baseline's."""
+
+    stage = "restoration"
+    kinds = RESTORATION_KINDS  # the conditions it applies to
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.sums = {}  # side -> float64 [sum, count]
+
+    @classmethod
+    def check(cls, config, task) -> None:
+        kind = restoration_kind(config, task)
+        if kind not in cls.kinds:
+            raise UserError(
+                f"metric {cls.name!r} applies to {' and '.join(cls.kinds)} evaluations; this "
+                f"run's condition is {kind}: use any of {restoration_names(kind)}."
+            )
+
+    def per_image(self, images: np.ndarray, batch: Batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, batch):
+        m = np.asarray(batch.mask, bool)
+        for side, images in batch.outputs.items():
+            values = np.asarray(self.per_image(images, batch), np.float64)
+            acc = self.sums.setdefault(side, np.zeros(2, np.float64))
+            acc += [values[m].sum(), m.sum()]
+
+    def result(self):
+        out = {}
+        for side, acc in self.sums.items():  # the same order on every process
+            total, count = _exact_sum_over_processes(acc)
+            out[result_key(side, self.name)] = float(total / max(count, 1.0))
+            self.ctx.report["settings"]["num_images"] = int(count)
+        return out
+
+
+@functools.cache
+def _per_image_fn(name: str):
+    """The jitted per-image function of a figure, on this process's default device."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.evaluation import image_metrics
+    from ldm_jax.models import lpips
+
+    if name in ("psnr", "ssim"):
+        return jax.jit(getattr(image_metrics, name))
+    if name == "lpips":
+        return jax.jit(lpips.lpips_distance)
+
+    def masked_lpips(params, x, y, mask):  # the map's mean over each image's mask
+        spatial = lpips.lpips_map(params, x, y)  # [B, H, W, 1]
+        area = jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)), 1.0)
+        return jnp.sum(spatial * mask, axis=(1, 2, 3)) / area
+
+    return jax.jit(masked_lpips)
+
+
+def _lpips_params():
+    from ldm_jax.models import lpips
+
+    return lpips.load_lpips_params()
+
+
+class _ImageMetric(RestorationMetric):
+    """psnr, ssim: image_metrics' on [-1, 1] (data range 2), as the autoencoder's."""
+
+    def per_image(self, images, batch):
+        return _per_image_fn(self.name)(images, batch.originals)
+
+
+for _name in ("psnr", "ssim"):
+    register(type(f"Restoration{_name.upper()}", (_ImageMetric,), {"name": _name}))
+
+
+@register
+class RestorationLPIPS(RestorationMetric):
+    """LPIPS-VGG16 distance of each whole image to its original."""
+
+    name = "lpips"
+
+    def per_image(self, images, batch):
+        return _per_image_fn("lpips")(_lpips_params(), images, batch.originals)
+
+
+class _MaskedMetric(RestorationMetric):
+    kinds = ("inpaint",)
+
+
+@register
+class L1Masked(_MaskedMetric):
+    """Mean |output - original| over each image's masked pixels and channels, on the
+    [0, 1] scale (half the [-1, 1] difference)."""
+
+    name = "l1_masked"
+
+    def per_image(self, images, batch):
+        mask = np.asarray(batch.inpaint_mask, np.float64)
+        diff = np.abs(np.asarray(images, np.float64) - np.asarray(batch.originals, np.float64))
+        area = np.maximum(mask.sum(axis=(1, 2, 3)) * diff.shape[-1], 1.0)
+        return 0.5 * (diff * mask).sum(axis=(1, 2, 3)) / area
+
+
+@register
+class LPIPSMasked(_MaskedMetric):
+    """The spatial LPIPS map (models/lpips.py `lpips_map`) of the output against the
+    original, averaged over each image's masked pixels."""
+
+    name = "lpips_masked"
+
+    def per_image(self, images, batch):
+        return _per_image_fn("lpips_masked")(
+            _lpips_params(), images, batch.originals, batch.inpaint_mask
+        )
+
+
+@register
+class RestorationFID(RestorationMetric):
+    """FID of each side's outputs against the originals of the same held-out images
+    (Inception pool3; no reference statistics: the originals are the reference)."""
+
+    name, needs_inception = "fid", True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.real, self.fake = FeatureStats(2048), {}
+
+    def update(self, batch):
+        self.real.update(np.asarray(batch.real_features["pool3"]), batch.mask)
+        for side, features in batch.side_features.items():
+            stats = self.fake.setdefault(side, FeatureStats(2048))
+            stats.update(np.asarray(features["pool3"]), batch.mask)
+
+    def result(self):
+        real = self.real.all_processes()
+        self.ctx.report["settings"]["num_images"] = int(real.count)
+        if real.count < 2:
+            raise UserError("metric fid needs at least 2 held-out images; raise num_samples.")
+        return {
+            result_key(side, self.name): fid_from_stats(fake.all_processes(), real)
+            for side, fake in self.fake.items()
+        }

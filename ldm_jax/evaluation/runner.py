@@ -1,12 +1,25 @@
 """Metrics of a run's state, computed on its mesh by every process: one implementation for
 the training loop's evaluators (`config.evaluation`) and `python -m ldm_jax.evaluate`.
 
+    evaluation   runs                                    batches
+    diffusion    diffusion runs without a dense          samples drawn on the mesh
+                 condition                               (no data)
+    restoration  diffusion runs with a dense condition   held-out images of the eval split,
+                 (low_res, inpaint), or without one but  restored from their conditions on
+                 with data.condition.kind='inpaint'      the mesh, and by the classical
+                 (mask-guided inpainting)                baseline on the host
+    autoencoder  autoencoder runs                        held-out reconstructions
+
 Diffusion runs: samples are drawn in global batches on the mesh (sample ids i*B .. i*B+B-1,
 the last batch padded and masked), each process takes its own rows of the result through
 the Inception network, and every metric of `metrics.REGISTRY` named in the settings adds
 them to its statistics. The samples are the same for any mesh and process count (a fixed
-seed per batch). Autoencoder runs: held-out batches are reconstructed on the mesh the
-same way. The evaluator speaks to the run only through the task interface
+seed per batch). Restoration: the eval split's batches with the conditions the pipeline
+draws from `data.condition.eval_seed` (the same for every process count), restored by
+`task.sample_from_condition` on the mesh with the rng fold_in(PRNGKey(seed), batch index)
+and by `baselines.for_kind(kind)` on each process's rows; the outputs, the baseline's and
+the originals reach the metrics. Autoencoder runs: held-out batches are reconstructed on
+the mesh the same way. The evaluator speaks to the run only through the task interface
 (training/task.py) and a `parallel.mesh_run.MeshRun`.
 """
 
@@ -16,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.data import conditions, pipeline
 from ldm_jax.data import images as images_lib
-from ldm_jax.data import pipeline
 from ldm_jax.errors import UserError
 from ldm_jax.evaluation import metrics as metrics_lib
 
@@ -54,9 +67,8 @@ class Evaluator:
     def __init__(self, config, task, mesh_run, settings):
         self.config, self.task, self.mesh_run = config, task, mesh_run
         self.metrics = tuple(settings.metrics)
-        metrics_lib.check_metrics(config.stage, self.metrics)
-        for name in self.metrics:
-            metrics_lib.REGISTRY[name].check(config, task)
+        self.stage = metrics_lib.check_run(config, task, self.metrics)
+        self.kind = metrics_lib.restoration_kind(config, task)  # restoration: its condition
         settings = settings.copy_and_resolve_references()
         if settings.batch_size is None:
             shards = mesh_run.batch_shards
@@ -66,13 +78,11 @@ class Evaluator:
             raise UserError(
                 f"evaluation num_samples={settings.num_samples}: evaluate at least 1 sample."
             )
-        if config.stage == "diffusion" and task.concat:
-            raise UserError(
-                "sample metrics of a concat-conditioned model (low-res image, mask, map) need "
-                "a dense condition per sample, which the evaluator does not draw yet."
-            )
         self.settings = settings
         self._net, self._draw, self._recon, self._means = None, None, None, None
+        self._restore = None
+        if config.stage == "diffusion":
+            self._check_sampling(self._sampling())
 
     # ----- shared pieces -------------------------------------------------------------------
     def _inception(self, report: dict):
@@ -114,16 +124,20 @@ class Evaluator:
     def __call__(self, state) -> tuple[dict, dict]:
         report = self._report()
         ctx = metrics_lib.Context(self.config, self.task, self.settings, report)
-        if any(metrics_lib.REGISTRY[name].needs_inception for name in self.metrics):
+        classes = [metrics_lib.metric_class(self.stage, name) for name in self.metrics]
+        if any(cls.needs_inception for cls in classes):
             ctx.features = self._inception(report)
-        metrics = [metrics_lib.REGISTRY[name](ctx) for name in self.metrics]
+        metrics = [cls(ctx) for cls in classes]
         if self.config.stage == "diffusion":
             sampling = self._sampling()
-            batches = self._sample_batches(state, sampling, ctx.features)
             report["settings"].update(
                 sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta,
                 guidance_scale=sampling.guidance_scale,
             )  # fmt: skip
+            if self.kind is None:
+                batches = self._sample_batches(state, sampling, ctx.features)
+            else:
+                batches = self._restoration_batches(state, sampling, ctx.features, report)
         else:
             per_example = any(isinstance(m, metrics_lib.ExampleMean) for m in metrics)
             batches = self._reconstruction_batches(state, ctx.features, per_example, report)
@@ -147,6 +161,18 @@ class Evaluator:
             if s.guidance is not None:
                 sampling.guidance_scale = s.guidance
         return sampling
+
+    def _check_sampling(self, sampling) -> None:
+        """A sampler or step count the sampler's grid cannot take fails before any work."""
+        from ldm_jax.diffusion import samplers
+
+        try:
+            samplers.get_sampler(sampling.sampler)
+            samplers.sampling_grid(sampling, int(self.config.diffusion.timesteps))
+        except ValueError as e:
+            raise UserError(
+                f"evaluation sampler={sampling.sampler!r}, steps={sampling.steps}: {e}"
+            ) from None
 
     def _draw_fn(self, sampling):
         """The jitted sampler of one global batch (one trace for every evaluation)."""
@@ -195,6 +221,73 @@ class Evaluator:
             images = images_lib.to_uint8(run.local_rows(images))
             out = None if features is None else features(images)
             yield metrics_lib.Batch(images=images, ids=ids, mask=ids < n, features=out)
+
+    # ----- restoration ---------------------------------------------------------------------
+    def _restore_fn(self, sampling):
+        """The jitted restoration of one global batch by the run (one trace for every
+        evaluation): its conditioning inputs and condition arrays batch-sharded."""
+        if self._restore is None:
+            task = self.task
+
+            def restore(state, frozen, inputs, condition, rng):
+                out = task.sample_from_condition(
+                    state, frozen, inputs, rng, condition, sampling=sampling
+                )
+                return jnp.clip(out, -1.0, 1.0)
+
+            self._restore = jax.jit(restore, out_shardings=self.mesh_run.batch_sharding)
+        return self._restore
+
+    def _condition_keys(self) -> tuple[str, ...]:
+        return ("low_res",) if self.kind == "low_res" else ("image", "inpaint_mask", "masked_image")
+
+    def _restoration_settings(self, baseline, split: str) -> dict:
+        c = conditions.settings(self.config.data.get("condition"))
+        out = {"condition": self.kind, "eval_seed": int(c.eval_seed), "split": split}
+        if self.kind == "low_res":
+            out.update(degradation=c.degradation, factor=int(c.factor))
+        else:
+            out.update(
+                coverage=[float(v) for v in c.coverage],
+                inpainting="concat" if self.task.concat else "mask_guidance",
+            )  # fmt: skip
+        out.update(baseline=baseline.name, baseline_method=baseline.method, num_images=0)
+        return out
+
+    def _restoration_batches(self, state, sampling, features, report):
+        """Yields a metrics.Batch per held-out global batch: this process's rows of the
+        run's outputs, of the baseline's and of the originals (with their Inception
+        outputs when `features`)."""
+        from ldm_jax.evaluation import baselines
+
+        s, run, task = self.settings, self.mesh_run, self.task
+        split = s.split or self.config.data.eval_split
+        baseline = baselines.for_kind(self.kind)
+        report["settings"].update(self._restoration_settings(baseline, split))
+        b = int(s.batch_size)
+        batches = pipeline.eval_batches(
+            self._data_cfg(), global_batch_size=b, num_examples=s.num_samples, split=split
+        )
+        restore, keys = self._restore_fn(sampling), self._condition_keys()
+        for i, local in enumerate(batches):
+            n = len(local["mask"])
+            inputs = run.to_global(task.cond.host_inputs(local))
+            condition = run.to_global({k: local[k] for k in keys})
+            rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), i)
+            restored = run.local_rows(restore(state, run.frozen, inputs, condition, rng))
+            outputs = {"model": np.asarray(restored, np.float32), baseline.name: baseline(local)}
+            out = metrics_lib.Batch(
+                images=None,
+                ids=i * b + jax.process_index() * n + np.arange(n),
+                mask=np.asarray(local["mask"], bool),
+                originals=np.asarray(local["image"], np.float32),
+                outputs=outputs,
+                inpaint_mask=local.get("inpaint_mask"),
+            )
+            if features is not None:
+                out.real_features = features(out.originals)
+                out.side_features = {side: features(x) for side, x in outputs.items()}
+            yield out
 
     # ----- autoencoder ---------------------------------------------------------------------
     def _reconstruction_batches(self, state, features, per_example: bool, report):

@@ -15,7 +15,7 @@ def default_config() -> ml_collections.ConfigDict:
             every=0,  # training steps between evaluations (0: never during training)
             num_samples=1000,
             num_reference=none(int),  # reference images (None: the whole split)
-            split=none(str),  # None: train (sample metrics), eval split (autoencoder)
+            split=none(str),  # None: train (sample metrics), eval split (autoencoder, restoration)
             sampler=none(str),  # None: config.sampling's
             steps=none(int),
             guidance=none(float),

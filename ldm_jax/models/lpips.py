@@ -31,16 +31,22 @@ def _unit_normalize(f: jax.Array, eps: float = 1e-10) -> jax.Array:  # [B, H, W,
 
 
 class LPIPSVGG16(nn.Module):
-    """distance(x, y) [B] for x, y [B, H, W, 3] in [-1, 1]. Params: conv{s}_{k}, lin{s}."""
+    """distance(x, y) [B] for x, y [B, H, W, 3] in [-1, 1]. Params: conv{s}_{k}, lin{s}.
+
+    With `spatial`, the map [B, H, W, 1] before averaging instead: each stage's per-position
+    distance up-sampled bilinearly (half-pixel centres) to H x W, summed over the stages
+    (the reference's `spatial=True`); its mean over H, W is the distance."""
+
+    spatial: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         shift = jnp.asarray(_SHIFT, jnp.float32)
         scale = jnp.asarray(_SCALE, jnp.float32)
-        b = x.shape[0]
+        b, height, width = x.shape[:3]
         # One pass over the concatenated pair halves the number of conv launches.
         h = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale  # [2B,H,W,3]
-        total = jnp.zeros((b,), jnp.float32)
+        total = jnp.zeros((b, height, width, 1) if self.spatial else (b,), jnp.float32)
         for s, widths in enumerate(VGG16_STAGES):
             if s > 0:
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
@@ -57,11 +63,17 @@ class LPIPSVGG16(nn.Module):
             f = _unit_normalize(h)  # [2B, h, w, C]
             d = (f[:b] - f[b:]) ** 2  # [B, h, w, C]
             d = nn.Conv(1, (1, 1), use_bias=False, name=f"lin{s}")(d)  # [B, h, w, 1]
-            total = total + jnp.mean(d, axis=(1, 2, 3))
+            if self.spatial:
+                if d.shape[1:3] != (height, width):
+                    d = jax.image.resize(d, (b, height, width, 1), "bilinear")
+                total = total + d
+            else:
+                total = total + jnp.mean(d, axis=(1, 2, 3))
         return total
 
 
 _MODEL = LPIPSVGG16()
+_SPATIAL = LPIPSVGG16(spatial=True)  # the same params
 
 
 def _weights_path() -> pathlib.Path:
@@ -102,3 +114,11 @@ def load_lpips_params() -> dict:
 def lpips_distance(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     """LPIPS distance [B] between x, y [B, H, W, 3] in [-1, 1]; jit-friendly, differentiable."""
     return _MODEL.apply({"params": params}, x, y)
+
+
+def lpips_map(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The per-pixel LPIPS map [B, H, W, 1] between x, y [B, H, W, 3] in [-1, 1], before
+    averaging (each stage's map up-sampled bilinearly to H x W, summed): its mean over a
+    region is the distance there (e.g. inside an inpainting mask); over the whole image it
+    equals `lpips_distance` up to float rounding."""
+    return _SPATIAL.apply({"params": params}, x, y)

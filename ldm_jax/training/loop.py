@@ -81,7 +81,7 @@ class Trainer:
         _check_batches(config, self.mesh_run)
         eval_cfg = config.get("evaluation")
         if eval_cfg is not None and eval_cfg.every and eval_cfg.metrics:
-            metrics_lib.check_metrics(config.stage, eval_cfg.metrics)  # fail before training
+            metrics_lib.check_run(config, self.task, eval_cfg.metrics)  # fail before training
         self._evaluator, self._eval_means = None, None
 
     @property
