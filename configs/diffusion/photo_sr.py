@@ -3,7 +3,8 @@ in the quickstart autoencoder's KL-f4 latents (see config_common.photo_ldm_confi
 
     python -m ldm_jax.train --config configs/diffusion/photo_sr.py --workdir runs/photo_sr \
         --config.first_stage.workdir=runs/quickstart/autoencoder
-    python -m ldm_jax.evaluate --workdir runs/photo_sr --metric psnr --metric lpips --metric fid
+    python -m ldm_jax.evaluate --workdir runs/photo_sr --metric psnr --metric ssim \
+        --metric lpips --metric fid
 """
 
 from ldm_jax import config_common as common

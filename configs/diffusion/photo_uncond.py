@@ -3,7 +3,8 @@ in the quickstart autoencoder's KL-f4 latents (see config_common.photo_ldm_confi
 
     python -m ldm_jax.train --config configs/diffusion/photo_uncond.py --workdir runs/photo_uncond \
         --config.first_stage.workdir=runs/quickstart/autoencoder
-    python -m ldm_jax.evaluate --workdir runs/photo_uncond --metric psnr --metric lpips --metric fid
+    python -m ldm_jax.evaluate --workdir runs/photo_uncond --config.data.condition.kind=inpaint \
+        --metric lpips --metric fid --metric l1_masked --metric lpips_masked
 """
 
 from ldm_jax import config_common as common
