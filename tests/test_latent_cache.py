@@ -108,8 +108,9 @@ def test_random_augmentation_cannot_be_cached(tiny_autoencoder_run, data_dir, tm
 
 def test_a_cache_for_a_dense_condition_keeps_the_images(cache, data_dir, tmp_path):
     """With data.condition set the cache also holds the encoded crops, so the per-example
-    conditions are drawn on the fly exactly as from the images; a cache without them is
-    refused for such a run, and left as it is."""
+    conditions are drawn on the fly exactly as from the images; such a cache serves a
+    run without a condition too, while a cache without images is refused for a run with
+    one, and left as it is."""
     from ldm_jax.data import TrainIterator
 
     config, _, _, plain_root = cache
@@ -124,6 +125,10 @@ def test_a_cache_for_a_dense_condition_keeps_the_images(cache, data_dir, tmp_pat
     plain = next(TrainIterator(sr.data, global_batch_size=8, seed=3))
     np.testing.assert_array_equal(cached["low_res"], plain["low_res"])
     assert "latent" in cached and "latent" not in plain
+
+    plain_run = config.copy_and_resolve_references()  # a cache with images serves it too
+    plain_run.latent_cache.dir = sr.latent_cache.dir
+    assert len(_build(plain_run, tmp_path / "run1")[1]) == len(raw)
 
     sr.latent_cache.dir = str(plain_root)  # made without images for the class run
     before = {p: p.stat().st_mtime_ns for p in plain_root.rglob("*")}

@@ -94,6 +94,12 @@ def provenance(config, first_stage) -> dict:
     }
 
 
+def _serves(key: str, found, expected) -> bool:
+    """Whether a cache's provenance value serves a run's: equal, or a cache that kept its
+    images serving a run that does not need them."""
+    return found == expected or (key == "with_images" and found and not expected)
+
+
 def _with_images(config) -> bool:
     cond = config.data.get("condition")
     return bool(cond) and cond.get("kind", "none") != "none"
@@ -157,7 +163,9 @@ def build(config, first_stage, encode_fn, mesh_run) -> Source:
     if prov_path.exists():
         found = json.loads(prov_path.read_text())
         # Caches written before a key existed hold its default.
-        diff = [k for k in expected if found.get(k, _ADDED_KEYS.get(k)) != expected[k]]
+        diff = [
+            k for k in expected if not _serves(k, found.get(k, _ADDED_KEYS.get(k)), expected[k])
+        ]
         if diff:
             k = diff[0]
             raise UserError(
