@@ -29,6 +29,8 @@ PAPER_COUNTS = {
     "lsun_churches-ldm-kl-8": 294_966_916,
     "cin256-v2": 400_920_579,
     "cin-ldm-vq-f8": 394_984_196,
+    "bsr_sr": 113_622_563,  # the reference UNetModel built in torch gives the same
+    "inpainting_big": 387_245_827,
     "txt2img-1p4B": 872_300_484,
     "sd-v1": 859_520_964,
     "sd-v2": 865_910_724,

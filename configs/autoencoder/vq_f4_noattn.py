@@ -18,7 +18,7 @@ def get_config(arg=None):
         kind="vq", embed_dim=3, ch_mult=(1, 2, 4), attn_resolutions=(), n_embed=8192
     )
     c.model.attn_type = "none"
-    c.loss.disc_start = 0
+    c.loss.disc_start = 11  # the reference's (vq-f4 itself starts at 0)
     c.loss.disc_weight = 0.75
     c.loss.disc_num_layers = 3
     c.batch_size = 8
