@@ -219,7 +219,9 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict:
     )
 
 
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers -> ldm_jax names
+# diffusers' prediction_type -> ldm_jax's parameterization, and back
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_PREDICTION_TYPES = {v: k for k, v in _PREDICTIONS.items()}
 
 
 def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict, str]:
@@ -233,7 +235,7 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict, str]:
     prediction = _PREDICTIONS.get(config.get("prediction_type", "epsilon"))
     if prediction is None:
         raise UserError(
-            f"prediction_type {config['prediction_type']!r}: use epsilon or v_prediction"
+            f"prediction_type {config['prediction_type']!r}: use one of {sorted(_PREDICTIONS)}"
         )
     schedule = dict(
         beta_schedule="linear", linear_start=float(config.get("beta_start", 0.00085)),
@@ -245,13 +247,18 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict, str]:
 
 # ----- the other way: ldm_jax configs -> diffusers config.json dicts -----------------------
 def scheduler_config_to_diffusers(diffusion: Mapping[str, Any]) -> dict:
-    """diffusers DDIMScheduler config of a diffusion config's schedule settings."""
-    v = diffusion["parameterization"] == "v"
+    """diffusers DDIMScheduler config of a diffusion config's schedule settings (an x0
+    run's prediction_type is diffusers' 'sample')."""
+    if diffusion.get("beta_schedule", "linear") != "linear":
+        raise UserError(
+            f"beta_schedule {diffusion['beta_schedule']!r} has no diffusers scheduler here: "
+            "only the linear (diffusers' scaled_linear) schedule is exported."
+        )
     return {
         "_class_name": "DDIMScheduler",
         "beta_start": diffusion["linear_start"], "beta_end": diffusion["linear_end"],
         "beta_schedule": "scaled_linear", "num_train_timesteps": diffusion["timesteps"],
-        "prediction_type": "v_prediction" if v else "epsilon",
+        "prediction_type": _PREDICTION_TYPES[diffusion["parameterization"]],
         "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
     }  # fmt: skip
 
