@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 
 from ldm_jax.data import open_source
 from ldm_jax.data.builders import digit_scenes as ds
-from ldm_jax.data.builders.digits import split_indices
+from ldm_jax.data.builders.digits import digit_grey, split_indices
 from ldm_jax.data.prepare import main as prepare_main
 
 SMALL = {"train": 24, "test": 16}
@@ -61,7 +61,7 @@ def _check_scene(scene, images, labels):
     expected = np.zeros((64, 64), np.uint8)
     for k, (x0, y0, x1, y1) in enumerate(frames):
         assert x1 - x0 == y1 - y0 and ds.MIN_DIGIT <= x1 - x0 <= ds.MAX_DIGIT
-        patch = ds.digit_patch(images[scene.sources[k]], x1 - x0)
+        patch = digit_grey(images[scene.sources[k]], x1 - x0)
         np.maximum(expected[y0:y1, x0:x1], patch, out=expected[y0:y1, x0:x1])
         # The ink box is the tight box of the pasted digit's ink, inside its frame.
         rows, cols = np.nonzero(patch >= ds.INK_THRESHOLD)

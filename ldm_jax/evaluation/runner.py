@@ -229,11 +229,10 @@ class Evaluator:
         if self._restore is None:
             task = self.task
 
-            def restore(state, frozen, inputs, condition, rng):
-                out = task.sample_from_condition(
+            def restore(state, frozen, inputs, condition, rng):  # in [-1, 1] already
+                return task.sample_from_condition(
                     state, frozen, inputs, rng, condition, sampling=sampling
                 )
-                return jnp.clip(out, -1.0, 1.0)
 
             self._restore = jax.jit(restore, out_shardings=self.mesh_run.batch_sharding)
         return self._restore

@@ -105,13 +105,18 @@ class DiffusionTask(Task):
             )
         if _cache_enabled(self.config):
             latent_cache.check_cacheable(self.config)
-        size, f = self.config.data.image_size, self.first_stage.factor
-        down = 2 ** (len(self.config.model.channel_mult) - 1)
-        if size % (f * down):
+        size, f, unit = self.config.data.image_size, self.first_stage.factor, self.size_multiple
+        if size % unit:
             raise UserError(
                 f"config.data.image_size={size} must be divisible by the first stage's f={f} "
-                f"times the UNet's downsampling {down}; use a multiple of {f * down}."
+                f"times the UNet's downsampling {unit // f}; use a multiple of {unit}."
             )
+
+    @property
+    def size_multiple(self) -> int:
+        """What every image side must be a multiple of: the first stage's f times the
+        UNet's downsampling."""
+        return self.first_stage.factor * 2 ** (len(self.config.model.channel_mult) - 1)
 
     @property
     def latent_size(self) -> int:
@@ -404,7 +409,7 @@ class DiffusionTask(Task):
 
     def check_sample_size(self, height: int, width: int) -> None:
         """Refuses an output size the first stage and the UNet's downsampling do not divide."""
-        unit = self.first_stage.factor * 2 ** (len(self.config.model.channel_mult) - 1)
+        unit = self.size_multiple
         if height % unit or width % unit:
             raise UserError(
                 f"the output would be {height}x{width}, but this run samples sizes that are "

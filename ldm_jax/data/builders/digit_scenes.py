@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ldm_jax.data.builders.base import ProjectBuilder, png_bytes
-from ldm_jax.data.builders.digits import split_indices
+from ldm_jax.data.builders.digits import digit_grey, split_indices
 
 IMAGE_SIZE = 64
 MIN_DIGIT, MAX_DIGIT = 16, 32  # side of a pasted digit's square frame, uniform, pixels
@@ -61,12 +61,6 @@ class Scene(NamedTuple):
 def scene_rng(split: str, index: int) -> np.random.Generator:
     """The generator scene `index` of `split` is drawn with."""
     return np.random.default_rng([SEED, zlib.crc32(split.encode()), index])
-
-
-def digit_patch(image_8x8: np.ndarray, side: int) -> np.ndarray:
-    """0..16 float 8x8 -> uint8 [side, side] grey, bicubic (as `digits.digit_image`)."""
-    grey = np.clip(np.rint(image_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BICUBIC))
 
 
 def overlap_fraction(a, b) -> float:
@@ -124,7 +118,7 @@ def make_scene(
     instance_map = np.zeros((size, size), np.uint8)
     ink_boxes = np.zeros((n, 4), np.float32)
     for k, ((x0, y0, x1, y1), src) in enumerate(zip(frames, sources)):
-        patch = digit_patch(images[src], x1 - x0)
+        patch = digit_grey(images[src], x1 - x0)
         region = canvas[y0:y1, x0:x1]
         # Ink that shows: at least the threshold and brighter than what is already there.
         mine = (patch >= INK_THRESHOLD) & (patch > region)

@@ -37,11 +37,15 @@ def split_indices(targets: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
 
 
+def digit_grey(image_8x8: np.ndarray, side: int) -> np.ndarray:
+    """0..16 float 8x8 -> uint8 [side, side] grey (scaled to 0..255, bicubic upsampling)."""
+    grey = np.clip(np.rint(image_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BICUBIC))
+
+
 def digit_image(image_8x8: np.ndarray) -> np.ndarray:
     """0..16 float 8x8 -> uint8 [32, 32, 3] (bicubic upsampling, grey replicated)."""
-    grey = np.clip(np.rint(image_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    big = Image.fromarray(grey).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    return np.repeat(np.asarray(big)[:, :, None], 3, axis=2)
+    return np.repeat(digit_grey(image_8x8, IMAGE_SIZE)[:, :, None], 3, axis=2)
 
 
 class Digits(ProjectBuilder):
