@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from ldm_jax.data import annotations as data_annotations
 from ldm_jax.data import conditions
 from ldm_jax.evaluation import settings as eval_settings
 from ldm_jax.parallel import distributed
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
             label_key="label",
             caption_key="caption",
             condition=conditions.default_config(),  # a dense condition made per example
+            objects=data_annotations.objects_config(),  # boxes and labels, for layout models
         )
     )
 
@@ -429,4 +431,63 @@ def photo_ldm_config(condition: str, steps: int, runlocal: bool) -> ml_collectio
         c.model.attention_resolutions = (2,)
         c.data.image_size = 32
         c.latent_cache.enabled = False
+    return c
+
+
+def digit_scene_config(task: str, steps: int, runlocal: bool) -> ml_collections.ConfigDict:
+    """The CPU experiments on the embedded digit_scenes (64², 1-4 digits, test scenes from
+    test digits only), in the latents of the digit-scenes KL-f4 autoencoder
+    (configs/autoencoder/digit_scenes.py, 64² -> 16x16x3): `task` 'semantic' (the class
+    map through the SpatialRescaler, concatenated) or 'layout' (the ink boxes as tokens,
+    cross-attention, classifier-free guidance with the empty layout)."""
+    c = diffusion_config(
+        first_stage_workdir="runs/digit_scenes/autoencoder",
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(2, 4),
+        num_head_channels=32,
+        use_spatial_transformer=task == "layout",
+    )
+    c.model.num_res_blocks = 1
+    c.model.norm_groups = 16
+    if task == "semantic":
+        c.conditioning_key = "concat"
+        c.data.condition.update(kind="semantic", num_classes=11)
+    else:
+        c.conditioning_key = "crossattn"
+        c.cond.update(
+            kind="layout", n_classes=10, class_names=tuple(str(d) for d in range(10)),
+            vocab_size=8192, max_objects=4, embed_dim=128, n_layer=2, max_length=12,
+            heads=4, dim_head=32, drop_rate=0.1,
+        )  # fmt: skip
+        c.sampling.guidance_scale = 2.0
+    c.diffusion.scale_by_std = True
+    c.diffusion.loss_type = "l2"
+    c.optim.base_learning_rate = 2.0e-5  # x batch 16 = 3.2e-4
+    c.optim.warmup_steps = 100
+    c.ema.decay = 0.999
+    c.batch_size = 16
+    c.data.name = "digit_scenes"
+    c.data.image_size = 64
+    c.data.resize = None
+    c.data.crop = "center"  # the scenes are 64² already: maps and boxes stay aligned
+    c.data.flip = False  # digits are not mirror-symmetric
+    c.data.eval_split = "test"
+    c.data.objects.update(bbox_key="objects/ink_bbox", box_format="xyxy")
+    c.sampling.eta = 1.0
+    c.train.num_steps = steps
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.eval_every = steps
+    c.train.eval_examples = 256
+    c.train.eval_batch_size = 64
+    c.train.image_every = steps
+    c.train.num_image_rows = 8
+    if runlocal:
+        shrink_diffusion(c)
+        c.first_stage.workdir = "runs/digit_scenes_local/autoencoder"
+        c.data.image_size = 64
+        c.model.attention_resolutions = (2,)
+        if task == "layout":
+            c.cond.update(embed_dim=32, n_layer=1, max_length=12, heads=2, dim_head=16)
     return c

@@ -8,6 +8,9 @@
               large mask, ldm_jax.data.masks, its share in `coverage`), and
               `masked_image`: float32 [S, S, 3] in [-1, 1], the image with that region
               black, -1 (`mask` stays the evaluation batches' padding mask)
+    semantic  `segmentation`: [S, S] class ids in [0, num_classes) (int32 in batches), the
+              example's class map (feature `map_key`) cropped with the image
+              (ldm_jax.data.annotations)
 
 Seeding follows the crops' contract (pipeline.py): the condition of the training example
 at global position g is drawn from `default_rng([seed, 2, g])`, so resumption and
@@ -23,7 +26,7 @@ import numpy as np
 from ldm_jax.data import degradations, masks, transforms
 from ldm_jax.errors import UserError
 
-KINDS = ("none", "low_res", "inpaint")
+KINDS = ("none", "low_res", "inpaint", "semantic")
 CONDITION_TAG = 2  # beside pipeline's permutation (0) and example (1) tags
 
 
@@ -35,6 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
             degradation="bsr_light",  # low_res: or "bicubic"
             coverage=(0.1, 0.5),  # inpaint: the masked share's range
             eval_seed=0,  # the eval split's conditions
+            num_classes=0,  # semantic: class ids in the map are below it
+            map_key="segmentation",  # semantic: the dataset's class-map feature
+            # semantic: the trainable SpatialRescaler from the one-hot map to the latents
+            rescaler=dict(n_stages=2, out_channels=3, multiplier=0.5),
         )
     )
 
@@ -61,6 +68,11 @@ def check(cond_cfg, image_size: int) -> None:
             raise UserError(
                 f"data.condition.factor={c.factor} must divide data.image_size={image_size}."
             )
+    if c.kind == "semantic" and int(c.num_classes) < 2:
+        raise UserError(
+            f"data.condition.num_classes={c.num_classes}: a semantic run needs the number of "
+            "classes in its maps (background included), e.g. 11 for digit_scenes."
+        )
     if c.kind == "inpaint" and not 0.0 < c.coverage[0] <= c.coverage[1] < 1.0:
         raise UserError(
             f"data.condition.coverage={tuple(c.coverage)}: give (low, high) with "
@@ -96,6 +108,8 @@ def blank(c, image_size: int) -> dict:
         return {"low_res": np.zeros((side, side, 3), np.uint8)}
     if c.kind == "inpaint":
         return {"inpaint_mask": np.zeros((image_size, image_size, 1), np.uint8)}
+    if c.kind == "semantic":
+        return {"segmentation": np.zeros((image_size, image_size), np.uint8)}
     return {}
 
 
@@ -108,3 +122,5 @@ def collate(examples, batch: dict) -> None:
         mask = np.stack([e["inpaint_mask"] for e in examples]).astype(np.float32)
         batch["inpaint_mask"] = mask
         batch["masked_image"] = masks.masked_image(batch["image"], mask[..., 0] > 0)
+    if "segmentation" in first:
+        batch["segmentation"] = np.stack([e["segmentation"] for e in examples]).astype(np.int32)

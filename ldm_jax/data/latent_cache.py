@@ -107,6 +107,13 @@ def _with_images(config) -> bool:
 
 def check_cacheable(config) -> None:
     d = config.data
+    kind = (d.get("condition") or {}).get("kind", "none")
+    if kind == "semantic" or config.cond.kind == "layout":
+        raise UserError(
+            "latent_cache.enabled: the cache keeps no class maps or boxes, which this run "
+            f"conditions on ({'data.condition.kind=semantic' if kind == 'semantic' else 'cond.kind=layout'}); "
+            "disable latent_cache."
+        )
     if d.flip or d.crop == "random":
         raise UserError(
             f"latent_cache.enabled needs deterministic preprocessing, but data.crop={d.crop!r} "

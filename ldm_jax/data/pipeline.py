@@ -16,7 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from ldm_jax.data import conditions, transforms
+from ldm_jax.data import annotations, conditions, layouts, transforms
 from ldm_jax.data.datasets import Source, open_source
 from ldm_jax.errors import UserError
 
@@ -42,6 +42,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
             "label_key": "label",
             "caption_key": "caption",
             "condition": conditions.default_config(),
+            "objects": annotations.objects_config(),  # boxes and labels, for layouts
         }
     )
     cfg.update(overrides)
@@ -57,6 +58,7 @@ def _settings(data_cfg) -> SimpleNamespace:
             raise UserError(f"data config needs `{key}` (e.g. data.{key}={defaults[key]!r}).")
     s = SimpleNamespace(**{k: get(k, v) for k, v in defaults.items()})
     s.condition = conditions.settings(s.condition)
+    s.objects = {**defaults["objects"], **dict(s.objects or {})}
     conditions.check(s.condition, s.image_size)
     if s.crop not in ("random", "center"):
         raise UserError(f"data.crop must be 'random' or 'center', got {s.crop!r}.")
@@ -116,12 +118,28 @@ class _Reader:
         self.caption_key = (
             s.caption_key if s.caption_key and source.has_feature(s.caption_key) else None
         )
+        o = s.objects
+        self.objects = (
+            not self.latent and source.has_feature(o["bbox_key"])
+            and source.has_feature(o["label_key"])
+        )  # fmt: skip
+        self.map_key = None
+        if s.condition.kind == "semantic" and not self.latent:
+            self.map_key = s.condition.map_key
+            if not source.has_feature(self.map_key):
+                raise UserError(
+                    f"data.condition.kind='semantic' reads the class map "
+                    f"'{self.map_key}', which '{source.name}' lacks (features: "
+                    f"{', '.join(source.features.keys())}); set data.condition.map_key."
+                )
 
     def blank(self) -> dict:
         """A padding example for eval (masked out)."""
         size = self.s.image_size
         out = {"image": np.zeros((size, size, 3), np.uint8)}
         out |= conditions.blank(self.s.condition, size)
+        if self.objects:
+            out["layout"] = layouts.Layout.empty()
         if self.label_key:
             out["label"] = 0
         if self.caption_key:
@@ -153,24 +171,38 @@ class _Reader:
         return out
 
     def _image(self, index: int, example: dict, rng) -> dict:
+        """The example's crop and, with it, its class map and objects when it has them."""
         s = self.s
-        image = transforms.as_rgb(lookup(example, s.image_key))
-        if s.resize is not None:
-            image = transforms.resize_smaller_side(image, s.resize)
+        image = lookup(example, s.image_key)
         h, w = image.shape[:2]
-        if min(h, w) < s.image_size:
+        geometry = annotations.plan(h, w, s, self.train, rng)
+        if min(geometry.resized_hw) < s.image_size:
             raise UserError(
                 f"Example {index} of '{self.source.name}' is {h}x{w}, smaller than "
                 f"data.image_size={s.image_size}; set data.resize={s.image_size} to upscale "
                 "the smaller side before cropping."
             )
-        if self.train and s.crop == "random":
-            image = transforms.random_crop(image, s.image_size, rng)
-        else:
-            image = transforms.center_crop(image, s.image_size)
-        if self.train and s.flip:
-            image = transforms.random_flip(image, rng)
-        return {"image": np.ascontiguousarray(image)}
+        out = {"image": geometry.image(image)}
+        if self.map_key:
+            out["segmentation"] = self._class_map(index, example, geometry)
+        if self.objects:
+            o = s.objects
+            layout = layouts.from_example(
+                lookup(example, o["label_key"]), lookup(example, o["bbox_key"]), o["box_format"]
+            )
+            out["layout"] = geometry.layout(layout)
+        return out
+
+    def _class_map(self, index: int, example: dict, geometry) -> np.ndarray:
+        labels = geometry.label_map(lookup(example, self.map_key))
+        n = int(self.s.condition.num_classes)
+        if labels.size and int(labels.max()) >= n:
+            raise UserError(
+                f"Example {index} of '{self.source.name}' has class id {int(labels.max())} in "
+                f"'{self.map_key}', but data.condition.num_classes={n}; set it above the "
+                "largest id."
+            )
+        return labels.astype(np.uint8 if n <= 256 else np.int32)
 
 
 def _collate(examples) -> dict:
@@ -184,6 +216,10 @@ def _collate(examples) -> dict:
         batch["label"] = np.array([e["label"] for e in examples], np.int32)
     if "caption" in examples[0]:
         batch["caption"] = np.array([e["caption"] for e in examples], dtype=object)
+    if "layout" in examples[0]:
+        batch["layout"] = np.empty(len(examples), dtype=object)
+        for i, e in enumerate(examples):  # element-wise: a Layout is a tuple numpy would unpack
+            batch["layout"][i] = e["layout"]
     return batch
 
 

@@ -37,12 +37,25 @@ def resize_smaller_side(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if min(h, w) == size:
         return image
-    scale = size / min(h, w)
-    new_h, new_w = (
-        (size, max(size, round(w * scale))) if h <= w else (max(size, round(h * scale)), size)
-    )
+    new_h, new_w = resized_shape(h, w, size)
     pil = Image.fromarray(np.ascontiguousarray(image))
     return np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC))
+
+
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H, W) after `resize_smaller_side(image, size)` of an H x W image."""
+    if min(h, w) == size:
+        return h, w
+    scale = size / min(h, w)
+    return (size, max(size, round(w * scale))) if h <= w else (max(size, round(h * scale)), size)
+
+
+def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A per-pixel label map [H, W] resized by nearest neighbour (ids are not blended)."""
+    if labels.shape[:2] == (height, width):
+        return labels
+    pil = Image.fromarray(np.ascontiguousarray(labels))
+    return np.asarray(pil.resize((width, height), Image.Resampling.NEAREST))
 
 
 def _check_fits(image: np.ndarray, size: int) -> None:

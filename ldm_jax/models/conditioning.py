@@ -258,3 +258,41 @@ def mean_pooled(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     m = jnp.asarray(mask, hidden.dtype)[..., None]  # [B, L, 1]
     # Clamp as sentence-transformers does, so an all-padding row gives 0, not NaN.
     return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+# --------------------------------------------------------------- semantic class maps
+
+
+class SpatialRescaler(nn.Module):
+    """The reference's SpatialRescaler on a one-hot class map: `n_stages` bilinear resizes
+    by `multiplier`, then a 1x1 convolution without bias from the classes to
+    `out_channels`. ids int [B, H, W] -> [B, H * m^n, W * m^n, out_channels].
+
+    A 1x1 convolution of a one-hot map is a lookup of the kernel's rows, and resizing is
+    linear per channel, so the module looks up first and resizes the `out_channels`
+    result: equal to the reference's order, without a [B, H, W, n_classes] tensor. Each
+    stage is torch's bilinear interpolate (half-pixel centres, no antialiasing); at
+    multiplier 0.5 that is the mean of 2 x 2 blocks. The kernel is [n_classes, out_channels] (torch's Conv2d weight
+    [out, in, 1, 1] transposed).
+    """
+
+    n_classes: int
+    out_channels: int = 3
+    n_stages: int = 2
+    multiplier: float = 0.5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # torch Conv2d's default init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+        bound = 1.0 / np.sqrt(self.n_classes)
+        init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        kernel = self.param(
+            "channel_mapper", init, (self.n_classes, self.out_channels), self.param_dtype
+        )
+        x = jnp.take(kernel, jnp.asarray(ids, jnp.int32), axis=0)  # [B, H, W, out]
+        for _ in range(self.n_stages):
+            b, h, w, c = x.shape
+            size = (b, int(h * self.multiplier), int(w * self.multiplier), c)  # torch floors
+            x = jax.image.resize(x, size, "bilinear", antialias=False)
+        return x

@@ -9,22 +9,28 @@
   clip         CLIP BPE tokens -> CLIP text encoder (Stable Diffusion's), frozen, its
                architecture in `cond.clip` and its params in `cond.weights` (a
                .safetensors file in ldm_jax naming, e.g. written by ldm_jax.import_sd)
+  layout       labelled boxes -> tokens (ldm_jax.data.layouts, no text tokenizer) ->
+               TransformerEncoder trained with the UNet (the paper's layout model)
 Host side turns labels / captions into arrays (`host_inputs`); device side embeds them.
 Classifier-free guidance: during training each example's condition is replaced by the
-unconditional one (null class, empty prompt) with probability `cond.drop_rate`.
+unconditional one (null class, empty prompt, empty layout) with probability
+`cond.drop_rate`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.data import layouts
 from ldm_jax.errors import UserError
 from ldm_jax.interop import bert_weights
 from ldm_jax.models import conditioning, tokenizers
 
-KINDS = ("none", "class", "text", "text_frozen", "clip")
+KINDS = ("none", "class", "text", "text_frozen", "clip", "layout")
 TEXT_KINDS = ("text", "text_frozen", "clip")
 
 
@@ -51,14 +57,34 @@ class Conditioner:
             self.module, self._frozen, self.tokenizer = bert_weights.load_minilm()
         elif self.kind == "clip":
             self.module, self._frozen, self.tokenizer = _load_clip(cond_cfg)
+        elif self.kind == "layout":
+            self.n_classes = int(cond_cfg.n_classes)
+            self.class_names = tuple(cond_cfg.get("class_names", ()) or ())
+            self.tokens = layouts.TokenLayout(int(cond_cfg.vocab_size), int(cond_cfg.max_objects))
+            self.tokens.check(self.n_classes)
+            self._truncated = 0
+            self.module = conditioning.TransformerEncoder(
+                n_embed=cond_cfg.embed_dim,
+                n_layer=cond_cfg.n_layer,
+                vocab_size=self.tokens.vocab_size,
+                max_seq_len=max(int(cond_cfg.max_length), self.tokens.length),
+                heads=int(cond_cfg.get("heads", 8)),
+                dim_head=int(cond_cfg.get("dim_head", 64)),
+            )
 
     @property
     def is_text(self) -> bool:
         return self.kind in TEXT_KINDS
 
     @property
+    def per_example(self) -> bool:
+        """Whether each example has its own condition (a prompt, a layout) rather than
+        one of a few classes."""
+        return self.is_text or self.kind == "layout"
+
+    @property
     def trainable(self) -> bool:
-        return self.kind in ("class", "text") and self.module is not None
+        return self.kind in ("class", "text", "layout") and self.module is not None
 
     @property
     def context_dim(self) -> int | None:
@@ -80,7 +106,33 @@ class Conditioner:
             return self.labels_inputs(conditions)
         if self.is_text:
             return self.encode_prompts([str(p) for p in conditions])
+        if self.kind == "layout":
+            return self.layout_inputs(conditions)
         return {}
+
+    def layout_inputs(self, conditions) -> dict:
+        """Layouts (ldm_jax.data.layouts.Layout) -> `tokens` int32 [B, 3 * max_objects]."""
+        rows, dropped = [], 0
+        for layout in conditions:
+            tokens, n = self.tokens.encode(layout)
+            rows.append(tokens)
+            dropped += n
+        if dropped:
+            self._truncated += dropped
+            if self._truncated == dropped:  # the first time only: a run would flood its log
+                logging.warning(
+                    "layouts with more than cond.max_objects=%d objects are truncated "
+                    "(%d objects dropped in this batch; raise cond.max_objects to keep them).",
+                    self.tokens.max_objects, dropped,
+                )  # fmt: skip
+        return {"tokens": np.stack(rows)}
+
+    def layout_picture(self, tokens, size: int) -> np.ndarray:
+        """uint8 [size, size, 3]: the layout a row of tokens names, drawn."""
+        from ldm_jax.data import condition_pictures
+
+        layout = self.tokens.decode(np.asarray(tokens))
+        return condition_pictures.layout(layout, size, self.n_classes, self.class_names)
 
     def conditions_of(self, batch: dict) -> list:
         """The per-example conditions of a data batch (its labels or captions)."""
@@ -92,10 +144,20 @@ class Conditioner:
             if "caption" not in batch:
                 raise UserError(f"config.cond.kind={self.kind!r} but the dataset has no captions.")
             return list(batch["caption"])
+        if self.kind == "layout":
+            if "layout" not in batch:
+                raise UserError(
+                    "config.cond.kind='layout' but the dataset yields no objects: set "
+                    "data.objects.bbox_key / label_key to its box and label features."
+                )
+            return list(batch["layout"])
         return [None] * len(next(iter(batch.values())))
 
     def parse(self, text: str):
-        """One condition as a user types it (a class id, a prompt) -> `inputs`' form."""
+        """One condition as a user types it (a class id, a prompt, a layout as
+        'LABEL:x0,y0,x1,y1;...') -> `inputs`' form."""
+        if self.kind == "layout":
+            return layouts.parse_text(text, self.n_classes, self.class_names)
         if self.kind != "class":
             return text
         try:
@@ -146,6 +208,8 @@ class Conditioner:
             return {"label": np.full((batch_size,), self.null_class, np.int32)}
         if self.is_text:
             return self.encode_prompts([""] * batch_size)
+        if self.kind == "layout":
+            return self.layout_inputs([layouts.Layout.empty()] * batch_size)
         return {}
 
     # ----- device side -------------------------------------------------------------------
@@ -154,6 +218,8 @@ class Conditioner:
             return {}
         if self.kind == "class":
             return self.module.init(rng, jnp.zeros((1,), jnp.int32))["params"]
+        if self.kind == "layout":
+            return self.module.init(rng, jnp.zeros((1, self.tokens.length), jnp.int32))["params"]
         tokens = jnp.zeros((1, self.cfg.max_length), jnp.int32)
         return self.module.init(rng, tokens, jnp.ones_like(tokens, bool))["params"]
 
@@ -181,6 +247,10 @@ class Conditioner:
             if self.key == "adm":
                 return None, inputs["label"]
             return self.module.apply({"params": params}, inputs["label"]), None
+        if self.kind == "layout":
+            # Attends over the padding too, as the reference does; so the empty layout
+            # (all padding) is a well-defined unconditional input.
+            return self.module.apply({"params": params}, inputs["tokens"]), None
         tokens, mask = inputs["tokens"], inputs["token_mask"]
         if self.kind == "text":
             return self.module.apply({"params": params}, tokens, mask), None

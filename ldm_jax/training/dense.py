@@ -10,11 +10,15 @@ mask) become its inputs for the sample command. A new kind is one new class.
     low_res   low_res [B, S/f, S/f, 3]        the low-res image (resized if S/f != h)   3
     inpaint   masked_image [B, S, S, 3],      E(masked image) x scale_factor, then      c + 1
               inpaint_mask [B, S, S, 1]       the mask at latent size, in {-1, 1}
+    semantic  segmentation [B, S, S] ids      SpatialRescaler(one-hot map): n_stages     out
+                                              bilinear halvings, 1x1 conv (trainable)
 
 The inpaint layout is the reference inpainting model's: [z_t, E(masked image), mask], with
 the masked region of the image at -1 (black) and the mask taken by nearest-neighbour
 down-sampling; E is the first stage's deterministic encoding (the VQ pre-quantisation
-output, or the KL posterior's mean).
+output, or the KL posterior's mean). The semantic layout is the reference's semantic
+synthesis models' (182 classes -> 3 channels, in_channels 6); its weights train with the
+UNet, in the state's params["dense"] (`init` gives them; kinds without weights give None).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.data import condition_pictures
 from ldm_jax.data import conditions as data_conditions
 from ldm_jax.data import transforms
 from ldm_jax.errors import UserError
+from ldm_jax.models import conditioning
 
 CONCAT_KEYS = ("concat", "hybrid")
 
@@ -43,17 +49,33 @@ class DenseCondition:
     def channels(self) -> int:
         return 0
 
+    def init(self, rng):
+        """The condition's trainable weights (None: it has none)."""
+        return None
+
+    def check_sizes(self, image_size: int, latent_size: int) -> None:
+        """Refuses an image size the condition cannot bring to the latent size."""
+
     def host_inputs(self, batch: dict) -> dict:
         """The condition's arrays of a host or device batch."""
         return {k: batch[k] for k in self.keys}
 
-    def features(self, frozen, inputs: dict, latent_hw, scale_factor):
-        """[B, h, w, channels] to concatenate with z_t (None: nothing)."""
+    def features(self, params, frozen, inputs: dict, latent_hw, scale_factor):
+        """[B, h, w, channels] to concatenate with z_t (None: nothing); `params` are
+        `init`'s weights as trained."""
         return None
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The size of the image sampled from a user's condition image of this size."""
         return height, width
+
+    def sample_shape(self, condition: dict) -> tuple[int, int, int]:
+        """(batch, height, width) of the images sampled from a condition's arrays."""
+        return condition["image"].shape[:3]
+
+    def pictures(self, condition: dict) -> np.ndarray:
+        """The condition as pictures at the output size, host floats in [-1, 1]."""
+        return np.asarray(condition["masked_image"])
 
     def user_inputs(self, image: np.ndarray, mask: np.ndarray | None) -> dict:
         """The condition arrays (batch of 1, as the data pipeline makes them) of a user's
@@ -82,7 +104,7 @@ class LowRes(DenseCondition):
     def channels(self) -> int:
         return 3
 
-    def features(self, frozen, inputs, latent_hw, scale_factor):
+    def features(self, params, frozen, inputs, latent_hw, scale_factor):
         low = inputs["low_res"]
         h, w = latent_hw
         if low.shape[1:3] == (h, w):
@@ -92,6 +114,14 @@ class LowRes(DenseCondition):
     def output_size(self, height, width):
         f = int(self.settings.factor)
         return height * f, width * f
+
+    def sample_shape(self, condition):
+        low = condition["low_res"]
+        return (low.shape[0], *self.output_size(*low.shape[1:3]))
+
+    def pictures(self, condition):
+        f = int(self.settings.factor)  # the low-res image, nearest-upscaled
+        return np.repeat(np.repeat(np.asarray(condition["low_res"]), f, 1), f, 2)
 
     def user_inputs(self, image, mask):
         if mask is not None:
@@ -107,7 +137,7 @@ class Inpaint(DenseCondition):
     def channels(self) -> int:
         return self.first_stage.latent_channels + 1
 
-    def features(self, frozen, inputs, latent_hw, scale_factor):
+    def features(self, params, frozen, inputs, latent_hw, scale_factor):
         codes = self.first_stage.codes(frozen["first_stage"], inputs["masked_image"])
         encoded = codes[..., : self.first_stage.latent_channels] * scale_factor  # KL: mean
         mask = inputs["inpaint_mask"]
@@ -122,7 +152,73 @@ class Inpaint(DenseCondition):
         return inpaint_inputs(image, mask)
 
 
-KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint)}
+class Semantic(DenseCondition):
+    kind = "semantic"
+    keys = ("segmentation",)
+
+    def __init__(self, settings, first_stage):
+        super().__init__(settings, first_stage)
+        r = {"n_stages": 2, "out_channels": 3, "multiplier": 0.5, **dict(settings.rescaler)}
+        self.num_classes = int(settings.num_classes)
+        self.module = conditioning.SpatialRescaler(
+            self.num_classes, int(r["out_channels"]), int(r["n_stages"]), float(r["multiplier"])
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.module.out_channels
+
+    def init(self, rng):
+        ids = jnp.zeros((1, 4, 4), jnp.int32)
+        return self.module.init(rng, ids)["params"]
+
+    def sample_shape(self, condition):
+        return condition["segmentation"].shape[:3]
+
+    def pictures(self, condition):
+        coloured = condition_pictures.class_map(condition["segmentation"], self.num_classes)
+        return transforms.to_float(coloured)
+
+    def rescaled_size(self, size: int) -> int:
+        for _ in range(self.module.n_stages):
+            size = int(size * self.module.multiplier)
+        return size
+
+    def check_sizes(self, image_size, latent_size):
+        if self.rescaled_size(image_size) != latent_size:
+            raise UserError(
+                f"data.condition.rescaler brings a {image_size}-pixel map to "
+                f"{self.rescaled_size(image_size)}, not the latent size {latent_size}; set "
+                "rescaler.n_stages so that image_size * multiplier ** n_stages is it."
+            )
+
+    def features(self, params, frozen, inputs, latent_hw, scale_factor):
+        out = self.module.apply({"params": params}, inputs["segmentation"])
+        if out.shape[1:3] != tuple(latent_hw):
+            raise UserError(
+                f"a {inputs['segmentation'].shape[1]}x{inputs['segmentation'].shape[2]} class "
+                f"map rescales to {out.shape[1]}x{out.shape[2]}, not the latent "
+                f"{latent_hw[0]}x{latent_hw[1]}; give a map whose sides are multiples of "
+                f"{self.first_stage.factor}."
+            )
+        return out
+
+    def user_inputs(self, image, mask):
+        """`image`: the class map, int [H, W] (sample.read_class_map reads a PNG of ids)."""
+        if mask is not None:
+            raise UserError("--mask is for inpainting; this run synthesises from a class map.")
+        ids = np.asarray(image)
+        if ids.ndim != 2:
+            raise UserError("a semantic run's --cond_image is a class map: one id per pixel.")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_classes):
+            raise UserError(
+                f"the class map has id {int(ids.max())}, but this run knows ids "
+                f"0..{self.num_classes - 1}; give a PNG of class ids in that range."
+            )
+        return {"segmentation": ids[None].astype(np.int32)}
+
+
+KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic)}
 
 
 def make(config, first_stage) -> DenseCondition:

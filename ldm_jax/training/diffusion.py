@@ -37,7 +37,8 @@ CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 @flax.struct.dataclass
 class DiffusionState:
     step: jax.Array  # int32 []
-    params: Any  # {'unet': ..., 'cond': ... (trainable conditioning encoder, may be empty)}
+    params: Any  # {'unet', 'cond' (trainable conditioning encoder, may be empty), and
+    #               'dense' for a dense condition with weights (the semantic rescaler)}
     opt_state: Any
     ema_params: Any  # EMA of params['unet']
     scale_factor: jax.Array  # float32 []: latents are multiplied by it before diffusion
@@ -111,6 +112,7 @@ class DiffusionTask(Task):
                 f"config.data.image_size={size} must be divisible by the first stage's f={f} "
                 f"times the UNet's downsampling {unit // f}; use a multiple of {unit}."
             )
+        self.dense.check_sizes(size, self.latent_size)
 
     @property
     def size_multiple(self) -> int:
@@ -128,7 +130,7 @@ class DiffusionTask(Task):
 
     def init_state(self, rng) -> DiffusionState:
         s, c = self.latent_size, self.unet.in_channels
-        r_unet, r_cond = jax.random.split(rng)
+        r_unet, r_cond, r_dense = jax.random.split(rng, 3)
         x = jnp.zeros((1, s, s, c), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
         context = None
@@ -136,12 +138,17 @@ class DiffusionTask(Task):
             context = jnp.zeros((1, 1, self.cond.context_dim), jnp.float32)
         y = jnp.zeros((1,), jnp.int32) if self.config.conditioning_key == "adm" else None
         unet_params = self.unet.init(r_unet, x, t, context=context, y=y)["params"]
-        return self.state_from_params(unet_params, self.cond.init(r_cond))
+        return self.state_from_params(
+            unet_params, self.cond.init(r_cond), dense_params=self.dense.init(r_dense)
+        )
 
-    def state_from_params(self, unet_params, cond_params=None, scale_factor=None):
+    def state_from_params(self, unet_params, cond_params=None, scale_factor=None,
+                          dense_params=None):  # fmt: skip
         """A step-0 state of given weights: the EMA equal to the UNet, fresh AdamW moments,
         `scale_factor` (default: the config's)."""
         params = {"unet": unet_params, "cond": {} if cond_params is None else cond_params}
+        if dense_params is not None:
+            params["dense"] = dense_params
         if scale_factor is None:
             scale_factor = self.config.diffusion.scale_factor
         return DiffusionState(
@@ -183,10 +190,16 @@ class DiffusionTask(Task):
         return out
 
     # ----- training ----------------------------------------------------------------------
-    def dense_features(self, state, frozen, batch: dict, latent_hw):
+    def dense_features(self, state, frozen, batch: dict, latent_hw, params=None):
         """The dense condition's features [B, h, w, k] of a batch's condition arrays
-        (None without a dense condition)."""
-        return self.dense.features(frozen, batch, tuple(latent_hw), state.scale_factor)
+        (None without a dense condition), with `params` (default: the state's)."""
+        params = state.params if params is None else params
+        dense_params = params.get("dense")
+        if dense_params is not None:
+            dense_params = self.for_compute(dense_params, "params", "dense")
+        return self.dense.features(
+            dense_params, frozen, batch, tuple(latent_hw), state.scale_factor
+        )
 
     def _compute_params(self, unet_params, cond_params):
         """The UNet's and the conditioning encoder's weights in their compute layout
@@ -236,7 +249,7 @@ class DiffusionTask(Task):
         inputs = self.cond.drop(_cond_inputs(batch), r_cfg, self.config.cond.drop_rate)
 
         def loss_fn(params, mb, r_drop):
-            features = self.dense_features(state, frozen, mb["dense"], mb["z_t"].shape[1:3])
+            features = self.dense_features(state, frozen, mb["dense"], mb["z_t"].shape[1:3], params)
             out = self._apply(
                 params["unet"], params["cond"], frozen, mb["z_t"], mb["t"], mb["inputs"],
                 features, True, r_drop,
@@ -381,13 +394,7 @@ class DiffusionTask(Task):
         outside the mask (the reference's composite). `uncond` is `sample_latents`'.
         """
         f, c = self.first_stage.factor, self.first_stage.latent_channels
-        if self.dense.kind == "low_res":
-            b, (h, w) = (
-                condition["low_res"].shape[0],
-                self.dense.output_size(*condition["low_res"].shape[1:3]),
-            )
-        else:
-            b, h, w = condition["image"].shape[:3]
+        b, h, w = self.dense.sample_shape(condition)
         known = None
         if "inpaint_mask" in condition and self.dense.kind != "inpaint":
             r_enc, rng = jax.random.split(rng)
@@ -442,25 +449,29 @@ class DiffusionTask(Task):
 
     def grid_columns(self, batch: dict, rows: int) -> int:
         """A sample grid's columns: one per class (up to `rows`) for class models, one
-        per eval example for text and dense-condition models, `rows` otherwise."""
+        per eval example for text, layout and dense-condition models, `rows` otherwise."""
         if self.cond.kind == "class":
             return min(rows, self.cond.n_classes)
-        if self.concat or self.cond.is_text:
+        if self.concat or self.cond.per_example:
             return min(rows, batch["image"].shape[0])
         return rows
 
     def sample_grid(self, state, batch, rows: int, frozen) -> list:
-        """Rows of samples, one column per condition (`grid_columns`); text and dense
-        models show the eval batch's images as the first row, dense models their
-        condition (`condition_images`) as the second."""
+        """Rows of samples, one column per condition (`grid_columns`); text, layout and
+        dense models show the eval batch's images as the first row, layout and dense
+        models their condition as pictures (`condition_images`) as the second."""
         cols = self.grid_columns(batch, rows)
         if self.cond.kind == "class":
             inputs = self.cond.inputs(range(cols))
         else:  # the eval batch's tokens (text) are device inputs already
             inputs = _cond_inputs(batch)
         grid = []
-        if self.concat or self.cond.is_text:
+        if self.concat or self.cond.per_example:
             grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
+        if self.cond.kind == "layout":
+            size = batch["image"].shape[1]
+            tokens = MeshRun.all_rows(batch["tokens"])[:cols]
+            grid.append(np.stack([self.cond.layout_picture(t, size) for t in tokens]))
         condition = {}
         if self.concat:
             condition = {"image": batch["image"], **self.dense.host_inputs(batch)}
@@ -475,11 +486,8 @@ class DiffusionTask(Task):
 
     def condition_images(self, dense_inputs: dict):
         """The dense condition as pictures at the output size (host arrays in [-1, 1]): the
-        low-res image nearest-upscaled, or the masked image."""
-        if self.dense.kind == "low_res":
-            f = int(self.dense.settings.factor)
-            return np.repeat(np.repeat(np.asarray(dense_inputs["low_res"]), f, 1), f, 2)
-        return np.asarray(dense_inputs["masked_image"])
+        low-res image nearest-upscaled, the masked image, or the coloured class map."""
+        return self.dense.pictures(dense_inputs)
 
     def _sampler_fn(self, n: int):
         """A jitted sampler for n samples (cached: one compile per n)."""
