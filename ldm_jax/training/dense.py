@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.data import condition_pictures
+from ldm_jax.data import condition_pictures, transforms
 from ldm_jax.data import conditions as data_conditions
-from ldm_jax.data import transforms
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioning
 
