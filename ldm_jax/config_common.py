@@ -491,3 +491,31 @@ def digit_scene_config(task: str, steps: int, runlocal: bool) -> ml_collections.
         if task == "layout":
             c.cond.update(embed_dim=32, n_layer=1, max_length=12, heads=2, dim_head=16)
     return c
+
+
+def semantic_synthesis_config(size: int, runlocal: bool) -> ml_collections.ConfigDict:
+    """The paper's semantic synthesis LDM-4 at `size` (256, or 512 fine-tuning: batch 8),
+    on a TFDS segmentation dataset (configs/diffusion/semantic_synthesis256.py)."""
+    c = paper_ldm_config(
+        "semantic_synthesis",
+        first_stage="vq_f4",
+        base_learning_rate=1.0e-6,
+        batch_size=8 if size == 512 else 16,
+        dataset="scene_parse150",
+        linear_end=0.0205,
+        loss_type="l1",
+    )
+    c.conditioning_key = "concat"
+    c.data.condition.update(kind="semantic", num_classes=182, map_key="annotation")
+    c.data.image_size = size
+    c.data.resize = size
+    c.data.crop = "random"
+    c.train.checkpoint_every = 5000
+    if runlocal:
+        shrink_paper_ldm(c, "vq_f4")
+        c.data.name = "digit_scenes"
+        c.data.image_size = 64
+        c.data.resize = None
+        c.data.flip = False
+        c.data.condition.update(num_classes=11, map_key="segmentation")
+    return c

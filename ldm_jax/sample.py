@@ -15,6 +15,11 @@
         --mask mask.png
     # latents over 64 latent pixels on a side are decoded in overlapping tiles
     python -m ldm_jax.sample --workdir runs/sr --cond_image big.png --decode_tile 32
+    # semantic synthesis from a PNG of class ids (any multiple of the run's size unit)
+    python -m ldm_jax.sample --workdir runs/digit_scenes/semantic --cond_image map.png
+    # layout-to-image: one row per layout, LABEL:x0,y0,x1,y1 objects (or a JSON file)
+    python -m ldm_jax.sample --workdir runs/digit_scenes/layout \
+        --layout "3:0.1,0.1,0.4,0.5;7:0.55,0.4,0.9,0.9" --layout layouts.json
 
 The run's config is read from its checkpoint, so only the workdir is needed; the state is
 restored onto the run's mesh (`config.mesh`, FSDP-sharded weights). Writes
@@ -33,6 +38,14 @@ picture (the low-res image nearest-upscaled, or the masked image, black where it
 filled), and samples.npz also holds it as `condition` (uint8 [1, H, W, 3]); `images` hold
 the samples only. `--init_image`, `--latent_size` and `--negative_prompt` do not combine
 with `--cond_image`.
+
+A semantic run reads `--cond_image` as a class map: one id per pixel (a PNG of mode L, P
+or I, or RGB with equal channels), at any size the run's size unit divides (convolutional
+sampling, the paper's 512 -> 1024 landscapes); each row starts with the map coloured.
+A layout run takes `--layout`, once per row: objects `LABEL:x0,y0,x1,y1` separated by
+`;` (LABEL a class id or one of the run's class names; coordinates in [0, 1] of the
+image, x right, y down), or a .json file holding a list of layouts, each a list of
+{"label": ..., "box": [x0, y0, x1, y1]}; each row starts with its layout drawn.
 
 Decoding: a latent larger than `--decode_tile` latent pixels on a side is decoded in tiles
 of that size overlapping by `--decode_overlap` (default a quarter of a tile), blended with
@@ -99,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the decode tiles' overlap in latent pixels (default: a quarter of a tile)",
     )
+    p.add_argument(
+        "--layout",
+        nargs="*",
+        default=None,
+        help="layout runs: 'LABEL:x0,y0,x1,y1;...' or a .json file of layouts (one row each)",
+    )
     p.add_argument("--num_per_condition", type=int, default=4)
     p.add_argument("--sampler", default=None, help="ddpm, ddim, plms, dpm_solver_pp_2m")
     p.add_argument("--steps", type=int, default=None)
@@ -144,7 +163,10 @@ def _overrides(args):
 
 
 def _conditions(args, task) -> list:
-    """The conditions to sample, one row each: --labels or --prompts as the run needs."""
+    """The conditions to sample, one row each: --labels, --prompts or --layout as the run
+    needs."""
+    if args.layout is not None and task.cond.kind != "layout":
+        raise UserError(f"--layout needs a layout run; this one is {task.cond.kind!r}.")
     if task.cond.kind == "class":
         if args.labels is None:
             raise UserError(
@@ -156,7 +178,37 @@ def _conditions(args, task) -> list:
         if not args.prompts:
             raise UserError('this is a text-conditional run: pass --prompts "...".')
         return list(args.prompts)
+    if task.cond.kind == "layout":
+        return _layouts(args, task)
     return [None]
+
+
+def _layouts(args, task) -> list:
+    from ldm_jax.data import layouts
+
+    if not args.layout:
+        raise UserError(
+            'this is a layout run: pass --layout "LABEL:x0,y0,x1,y1;..." or a .json file.'
+        )
+    cond = task.cond
+    return [lay for v in args.layout for lay in layouts.parse(v, cond.n_classes, cond.class_names)]
+
+
+def read_class_map(path) -> np.ndarray:
+    """A PNG of class ids -> int [H, W] (mode L, P or I; RGB only with equal channels)."""
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    with Image.open(path) as image:
+        ids = np.asarray(image)
+    if ids.ndim == 3:
+        if not (ids[..., :3] == ids[..., :1]).all():
+            raise UserError(
+                f"--cond_image {path} is a colour image; a semantic run's class map holds one "
+                "id per pixel (save it as a greyscale or palette PNG of the ids)."
+            )
+        ids = ids[..., 0]
+    return ids.astype(np.int64)
 
 
 def _negative_inputs(args, task, sampling, n: int):
@@ -307,6 +359,8 @@ def run(args) -> dict:
     task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
     if task.concat and user is None:
         raise UserError(_dense_hint(task))
+    if user is not None and task.dense.kind == "semantic":
+        user = (read_class_map(args.cond_image), user[1])
     conds = _conditions(args, task)
     f = task.first_stage.factor
     if user is not None:
@@ -335,6 +389,14 @@ def run(args) -> dict:
                 images = draw(restored.state, mesh_run.frozen, inputs, uncond, init, rng)
             rows.append(images_lib.to_uint8(mesh_run.all_rows(images)))
     labels = np.repeat(np.asarray(conds), n) if task.cond.kind == "class" else None
+    shown = None
+    if user is not None:  # the condition as a picture, the first column of each row
+        shown = images_lib.to_uint8(task.condition_images({k: v[:1] for k, v in condition.items()}))
+    if task.cond.kind == "layout":  # each row's own layout, drawn
+        size = rows[0].shape[1]
+        shown = [task.cond.layout_picture(task.cond.inputs([c])["tokens"][0], size)[None]
+                 for c in conds]  # fmt: skip
+        conds = [_layout_json(task, c) for c in conds]
     if jax.process_index() != 0:
         return {"images": np.concatenate(rows), "labels": labels, "out": None}
     settings = {
@@ -345,16 +407,19 @@ def run(args) -> dict:
         "cond_image": args.cond_image, "mask": args.mask,
         "decode_tiles": [tile, overlap] if tiled else None,
     }  # fmt: skip
-    shown = None
-    if user is not None:  # the condition as a picture, the first column of each row
-        shown = images_lib.to_uint8(task.condition_images({k: v[:1] for k, v in condition.items()}))
     out = pathlib.Path(args.out) if args.out else workdir / "samples"
     return _write(out, rows, labels, settings, shown)
 
 
+def _layout_json(task, layout) -> list:
+    from ldm_jax.data import layouts
+
+    return layouts.to_json(layout, task.cond.class_names)
+
+
 def _write(out: pathlib.Path, rows: list, labels, settings: dict, shown=None) -> dict:
-    """samples.npz, samples.png (a row per condition, `shown` first in each when given)
-    and samples.json in `out`."""
+    """samples.npz, samples.png (a row per condition, `shown` first in each when given:
+    one picture for every row, or a list of one per row) and samples.json in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     images = np.concatenate(rows)
     arrays = {"images": images}
@@ -362,8 +427,9 @@ def _write(out: pathlib.Path, rows: list, labels, settings: dict, shown=None) ->
         arrays["labels"] = labels.astype(np.int64)
     grid_rows = rows
     if shown is not None:
-        arrays["condition"] = shown
-        grid_rows = [np.concatenate([shown, row]) for row in rows]
+        per_row = shown if isinstance(shown, list) else [shown] * len(rows)
+        arrays["condition"] = np.concatenate(per_row) if isinstance(shown, list) else shown
+        grid_rows = [np.concatenate([pic, row]) for pic, row in zip(per_row, rows)]
     np.savez(out / "samples.npz", **arrays)
     upscale = max(1, 128 // images.shape[1])
     images_lib.save_png(out / "samples.png", images_lib.image_grid(grid_rows), upscale=upscale)

@@ -74,25 +74,35 @@ def test_missing_first_stage_is_a_clear_error(tmp_path, data_dir):
     assert "holds no autoencoder checkpoints" in proc.stderr and "nowhere" in proc.stderr
 
 
-@pytest.mark.parametrize("condition", ["none", "low_res", "inpaint"])
+@pytest.mark.parametrize("condition", ["none", "low_res", "inpaint", "semantic", "layout"])
 def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, condition):
     """A step on 8 fake devices equals one device's, also with a dense condition
-    concatenated (low-res image; encoded masked image and mask)."""
+    concatenated (low-res image; encoded masked image and mask; the class map through the
+    trainable rescaler) and with a layout's tokens by cross-attention."""
     import functools
 
     from flax import linen as nn
 
+    from ldm_jax.data.layouts import Layout
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training.diffusion import DiffusionTask
 
-    dense = {} if condition == "none" else {"conditioning_key": "hybrid"}
+    kw = {} if condition in ("none", "layout") else {"conditioning_key": "hybrid"}
+    if condition == "semantic":
+        kw["data__condition__num_classes"] = 11
+    if condition == "layout":
+        kw.update(cond__kind="layout", cond__vocab_size=8192, cond__max_objects=3,
+                  cond__n_layer=1, cond__heads=2, cond__dim_head=16, cond__n_classes=10)  # fmt: skip
+    dense = condition if condition != "layout" else "none"
     config = tiny_diffusion_config(
-        tiny_autoencoder_run[0], batch_size=8, data__condition__kind=condition, **dense
+        tiny_autoencoder_run[0], batch_size=8, data__condition__kind=dense, **kw
     )
     task = DiffusionTask(config)
-    assert task.unet.in_channels == {"none": 3, "low_res": 6, "inpaint": 7}[condition]
+    in_channels = {"none": 3, "low_res": 6, "inpaint": 7, "semantic": 6, "layout": 3}
+    assert task.unet.in_channels == in_channels[condition]
     frozen = task.frozen_params()
     state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))
+    assert ("dense" in state.params) == (condition == "semantic")
     images = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3), minval=-1)
     batch = {"image": images, "label": jnp.arange(8, dtype=jnp.int32) % 10}
     if condition == "low_res":
@@ -100,6 +110,16 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, conditio
     if condition == "inpaint":
         mask = (jax.random.uniform(jax.random.PRNGKey(4), (8, 32, 32, 1)) > 0.6).astype(jnp.float32)
         batch.update(inpaint_mask=mask, masked_image=jnp.where(mask > 0, -1.0, images))
+    if condition == "semantic":
+        batch["segmentation"] = jax.random.randint(jax.random.PRNGKey(5), (8, 32, 32), 0, 11)
+    if condition == "layout":
+        rng = np.random.default_rng(6)
+        batch["layout"] = np.empty(8, dtype=object)
+        for i in range(8):  # 0..4 objects: the empty layout and a truncated one among them
+            n = i % 5
+            lo = rng.uniform(0, 0.5, (n, 2))
+            boxes = np.concatenate([lo, lo + rng.uniform(0.1, 0.5, (n, 2))], 1).astype(np.float32)
+            batch["layout"][i] = Layout(rng.integers(0, 10, n), boxes)
     batch = task.device_batch(batch)
     rng = jax.random.PRNGKey(2)
     one = jax.device_get(jax.jit(task.train_step)(state, batch, rng, frozen))

@@ -174,13 +174,19 @@ def read_json(path, n_classes: int, class_names=()) -> list[Layout]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--layout {path}: cannot read it as JSON ({e}).") from None
-    if data and isinstance(data[0], dict):
+    if isinstance(data, list) and data and isinstance(data[0], dict):
         data = [data]
+    if not isinstance(data, list):  # a bare object, a number, null: no layouts
+        data = [data]  # so the message below names it
     layouts = []
     for i, objects in enumerate(data):
         try:
+            if not isinstance(objects, list):
+                raise TypeError(objects)
             labels = [_label_id(o["label"], class_names) for o in objects]
             boxes = [[float(v) for v in o["box"]] for o in objects]
+            if any(len(box) != 4 for box in boxes):  # else _checked's reshape pairs wrongly
+                raise ValueError(boxes)
         except (KeyError, TypeError, ValueError):
             raise UserError(
                 f"--layout {path}: layout {i} must be a list of "

@@ -8,6 +8,8 @@ as the model: one class per condition kind, looked up by `for_kind`.
     inpaint   biharmonic   `skimage.restoration.inpaint_biharmonic(masked image, mask,
                            channel_axis=-1)` on [-1, 1] floats, clipped to [-1, 1] and
                            composited with the original outside the mask (as the model's)
+    semantic, real         the held-out image itself: what real data scores
+    layout
 
 Each takes a host batch of the evaluation pipeline (`image`, its condition's arrays and
 `mask`, the padding rows) and gives float32 images [b, S, S, 3] in [-1, 1]; padding rows
@@ -67,7 +69,17 @@ class Biharmonic(Baseline):
         return mask * filled + (1.0 - mask) * np.asarray(batch["image"][row], np.float32)
 
 
-BASELINES = {"low_res": Bicubic, "inpaint": Biharmonic}
+class Real(Baseline):
+    """Semantic and layout runs: the held-out image itself, real data's own figure."""
+
+    name = "real"
+    method = "the held-out image itself (real data's own figure)"
+
+    def restore(self, batch, row):
+        return np.asarray(batch["image"][row], np.float32)
+
+
+BASELINES = {"low_res": Bicubic, "inpaint": Biharmonic, "semantic": Real, "layout": Real}
 
 
 def for_kind(kind: str) -> Baseline:

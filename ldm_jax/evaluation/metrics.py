@@ -7,8 +7,9 @@ processes, so the figures do not depend on the mesh or the process count.
 
 Metrics belong to one of three evaluations (`Metric.stage`; `evaluation_stage` picks a
 run's): `diffusion` (the samples of a diffusion run), `restoration` (a diffusion run with a
-dense condition, or any diffusion run with `data.condition.kind='inpaint'` inpainting by
-mask guidance: held-out images of the eval split restored from their conditions) and
+dense condition or a layout, or any diffusion run with `data.condition.kind='inpaint'`
+inpainting by mask guidance: held-out images of the eval split made again from their
+conditions) and
 `autoencoder` (held-out reconstructions). A name may mean a metric in several of them.
 
     metric            stage        needs
@@ -22,12 +23,18 @@ mask guidance: held-out images of the eval split restored from their conditions)
     fid               restoration  Inception pool3 of outputs and of the originals
     l1_masked         restoration  inpaint: mean |output - original| inside the mask, in [0, 1]
     lpips_masked      restoration  inpaint: the spatial LPIPS map averaged inside the mask
+    box_accuracy      restoration  layout, digit_scenes: each requested box's crop classified
+    box_iou           restoration  layout, digit_scenes: box vs the ink found for it
+    region_accuracy   restoration  semantic, digit_scenes: each map region's crop classified
+    foreground_iou    restoration  semantic, digit_scenes: the ink vs the map's foreground
     rfid              autoencoder  Inception pool3 of originals and reconstructions
     psnr, ssim, lpips autoencoder  the task's per-example eval step
 
 Restoration metrics give each figure for the run's outputs (key `name`) and for the
 classical baseline's outputs of the same inputs (key `<baseline>/name`: `bicubic/` for
-super-resolution, `biharmonic/` for inpainting; evaluation/baselines.py). Per-image
+super-resolution, `biharmonic/` for inpainting; evaluation/baselines.py), or for semantic
+and layout runs the held-out images themselves (`real/`, real data's own figure; FID has
+no `real/` key: the originals are its reference). Per-image
 figures are averaged over the images; l1_masked and lpips_masked average each image's
 masked pixels first.
 """
@@ -58,6 +65,8 @@ class Batch:
     # restoration: float [n, H, W, 3] in [-1, 1]; `real_features` are the originals'
     originals: np.ndarray | None = None
     outputs: dict | None = None  # {side: images}: "model", then the baseline's name
+    layouts: np.ndarray | None = None  # layout: the requested Layouts [n] (object array)
+    class_maps: np.ndarray | None = None  # semantic: int [n, H, W]
     side_features: dict | None = None  # {side: Inception outputs of its images}
     inpaint_mask: np.ndarray | None = None  # inpaint: float [n, H, W, 1], 1 = filled
 
@@ -124,7 +133,8 @@ class Metric:
 REGISTRY: dict[tuple[str, str], type[Metric]] = {}  # (stage, name) -> class
 # The evaluations a run of each stage can have.
 RUN_EVALUATIONS = {"diffusion": ("diffusion", "restoration"), "autoencoder": ("autoencoder",)}
-RESTORATION_KINDS = ("low_res", "inpaint")
+RESTORATION_KINDS = ("low_res", "inpaint")  # what an original-vs-output figure applies to
+SCENE_KINDS = ("semantic", "layout")  # conditions made into images, not restorations
 
 
 def register(cls: type[Metric]) -> type[Metric]:
@@ -164,6 +174,8 @@ def restoration_kind(config, task) -> str | None:
 
     asked = conditions.settings(config.data.get("condition")).kind
     trained = task.dense.kind
+    if task.cond.kind == "layout" and trained == "none" and asked == "none":
+        return "layout"
     if trained != "none":
         if asked != trained:
             raise UserError(
@@ -538,6 +550,7 @@ class RestorationFID(RestorationMetric):
     (Inception pool3; no reference statistics: the originals are the reference)."""
 
     name, needs_inception = "fid", True
+    kinds = RESTORATION_KINDS + SCENE_KINDS
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -546,6 +559,8 @@ class RestorationFID(RestorationMetric):
     def update(self, batch):
         self.real.update(np.asarray(batch.real_features["pool3"]), batch.mask)
         for side, features in batch.side_features.items():
+            if side == "real":  # the originals themselves: FID 0 by construction
+                continue
             stats = self.fake.setdefault(side, FeatureStats(2048))
             stats.update(np.asarray(features["pool3"]), batch.mask)
 
@@ -558,3 +573,90 @@ class RestorationFID(RestorationMetric):
             result_key(side, self.name): fid_from_stats(fake.all_processes(), real)
             for side, fake in self.fake.items()
         }
+
+
+class _SceneMetric(RestorationMetric):
+    """A digit_scenes figure pooled over items (boxes, regions or images) rather than
+    averaged per image: `scores(images, batch)` gives per image (value sum, item count)."""
+
+    @classmethod
+    def check(cls, config, task) -> None:
+        super().check(config, task)
+        if config.data.name != "digit_scenes":
+            raise UserError(
+                f"metric {cls.name!r} reads digits in the samples: it needs a run on "
+                f"digit_scenes, not {config.data.name!r}; use fid."
+            )
+
+    def scores(self, images, batch: Batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, batch):
+        m = np.asarray(batch.mask, bool)
+        for side, images in batch.outputs.items():
+            sums, counts = self.scores(images, batch)
+            acc = self.sums.setdefault(side, np.zeros(2, np.float64))
+            acc += [np.asarray(sums)[m].sum(), np.asarray(counts)[m].sum()]
+
+
+def _scene_classifier(ctx):
+    from ldm_jax.evaluation import scene_metrics
+
+    clf = scene_metrics.classifier()
+    ctx.report["classifier_real_test_accuracy"] = clf.real_test_accuracy
+    return clf
+
+
+class _LayoutMetric(_SceneMetric):
+    kinds = ("layout",)
+    column = 0
+
+    def scores(self, images, batch):
+        from ldm_jax.evaluation import scene_metrics
+
+        s = scene_metrics.layout_scores(images, batch.layouts, _scene_classifier(self.ctx))
+        return s[:, self.column], s[:, 2]
+
+
+@register
+class BoxAccuracy(_LayoutMetric):
+    """The share of requested boxes whose crop the digits classifier reads as the label."""
+
+    name, column = "box_accuracy", 0
+
+
+@register
+class BoxIoU(_LayoutMetric):
+    """The mean over requested boxes of their IoU with the ink found for them."""
+
+    name, column = "box_iou", 1
+
+
+class _SemanticMetric(_SceneMetric):
+    kinds = ("semantic",)
+
+    def scores(self, images, batch):
+        from ldm_jax.evaluation import scene_metrics
+
+        s = scene_metrics.semantic_scores(images, batch.class_maps, _scene_classifier(self.ctx))
+        return self.pick(s)
+
+
+@register
+class RegionAccuracy(_SemanticMetric):
+    """The share of the maps' digit regions whose crop the classifier reads right."""
+
+    name = "region_accuracy"
+
+    def pick(self, s):
+        return s[:, 1], s[:, 2]
+
+
+@register
+class ForegroundIoU(_SemanticMetric):
+    """The mean over images of the IoU of the sample's ink with the map's foreground."""
+
+    name = "foreground_iou"
+
+    def pick(self, s):
+        return s[:, 0], np.ones(len(s))

@@ -228,8 +228,12 @@ class Evaluator:
         evaluation): its conditioning inputs and condition arrays batch-sharded."""
         if self._restore is None:
             task = self.task
+            s, c = task.latent_size, task.first_stage.latent_channels
 
             def restore(state, frozen, inputs, condition, rng):  # in [-1, 1] already
+                if not task.concat:  # a layout: sampled from the conditioning inputs alone
+                    shape = (next(iter(inputs.values())).shape[0], s, s, c)
+                    return task.sample(state, frozen, inputs, rng, shape=shape, sampling=sampling)
                 return task.sample_from_condition(
                     state, frozen, inputs, rng, condition, sampling=sampling
                 )
@@ -238,13 +242,20 @@ class Evaluator:
         return self._restore
 
     def _condition_keys(self) -> tuple[str, ...]:
-        return ("low_res",) if self.kind == "low_res" else ("image", "inpaint_mask", "masked_image")
+        return {
+            "low_res": ("low_res",), "semantic": ("segmentation",), "layout": (),
+        }.get(self.kind, ("image", "inpaint_mask", "masked_image"))  # fmt: skip
 
     def _restoration_settings(self, baseline, split: str) -> dict:
         c = conditions.settings(self.config.data.get("condition"))
         out = {"condition": self.kind, "eval_seed": int(c.eval_seed), "split": split}
         if self.kind == "low_res":
             out.update(degradation=c.degradation, factor=int(c.factor))
+        elif self.kind == "semantic":
+            out.update(num_classes=int(c.num_classes), map_key=c.map_key)
+        elif self.kind == "layout":
+            out.update(objects=dict(self.config.data.objects),
+                       max_objects=int(self.task.cond.tokens.max_objects))  # fmt: skip
         else:
             out.update(
                 coverage=[float(v) for v in c.coverage],
@@ -282,11 +293,23 @@ class Evaluator:
                 originals=np.asarray(local["image"], np.float32),
                 outputs=outputs,
                 inpaint_mask=local.get("inpaint_mask"),
+                layouts=self._requested_layouts(local),
+                class_maps=local.get("segmentation"),
             )
             if features is not None:
                 out.real_features = features(out.originals)
                 out.side_features = {side: features(x) for side, x in outputs.items()}
             yield out
+
+    def _requested_layouts(self, local: dict):
+        """The layouts the run was given (truncated to its max_objects), or None."""
+        if self.kind != "layout":
+            return None
+        m = self.task.cond.tokens.max_objects
+        out = np.empty(len(local["layout"]), dtype=object)
+        for i, lay in enumerate(local["layout"]):
+            out[i] = type(lay)(lay.labels[:m], lay.boxes[:m])
+        return out
 
     # ----- autoencoder ---------------------------------------------------------------------
     def _reconstruction_batches(self, state, features, per_example: bool, report):

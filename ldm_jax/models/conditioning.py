@@ -294,5 +294,10 @@ class SpatialRescaler(nn.Module):
         for _ in range(self.n_stages):
             b, h, w, c = x.shape
             size = (b, int(h * self.multiplier), int(w * self.multiplier), c)  # torch floors
-            x = jax.image.resize(x, size, "bilinear", antialias=False)
+            # scale = multiplier, not out/in size: torch's scale_factor mapping, which
+            # differs from jax.image.resize's where a side is odd (31 -> 15).
+            m = jnp.full((2,), self.multiplier, jnp.float32)
+            x = jax.image.scale_and_translate(
+                x, size, (1, 2), m, jnp.zeros((2,), jnp.float32), "linear", antialias=False
+            )
         return x

@@ -93,6 +93,20 @@ PAPER_UNETS: dict[str, dict] = {
         attention_resolutions=(8, 4, 2), num_res_blocks=2, channel_mult=(1, 2, 3, 4),
         num_heads=8, num_head_channels=-1, resblock_updown=True,
     ),
+    # Semantic synthesis on VQ-f4 latents: the rescaled class map is concatenated (3 + 3);
+    # attention only in the middle block (attention_resolutions 32/16/8 name no level).
+    "semantic_synthesis": dict(
+        image_size=64, in_channels=6, out_channels=3, model_channels=128,
+        attention_resolutions=(32, 16, 8), num_res_blocks=2, channel_mult=(1, 4, 8),
+        num_heads=8,
+    ),
+    # Layout-to-image on VQ-f4 latents: the layout's tokens by cross-attention (512 wide).
+    "layout2img": dict(
+        image_size=64, in_channels=3, out_channels=3, model_channels=128,
+        attention_resolutions=(8, 4, 2), num_res_blocks=2, channel_mult=(1, 2, 3, 4),
+        num_head_channels=32, use_spatial_transformer=True, transformer_depth=3,
+        context_dim=512,
+    ),
     # LDM-KL-8 text-to-image with the 1.4B-parameter model (BERT context 1280).
     "txt2img-1p4B": dict(_SD, image_size=32, num_heads=8, context_dim=1280),
     "sd-v1": dict(_SD, num_heads=8, context_dim=768),

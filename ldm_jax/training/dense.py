@@ -210,8 +210,9 @@ class Semantic(DenseCondition):
         if ids.ndim != 2:
             raise UserError("a semantic run's --cond_image is a class map: one id per pixel.")
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_classes):
+            bad = ids.min() if ids.min() < 0 else ids.max()  # the id out of range
             raise UserError(
-                f"the class map has id {int(ids.max())}, but this run knows ids "
+                f"the class map has id {int(bad)}, but this run knows ids "
                 f"0..{self.num_classes - 1}; give a PNG of class ids in that range."
             )
         return {"segmentation": ids[None].astype(np.int32)}
