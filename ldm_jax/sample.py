@@ -227,7 +227,7 @@ def _init_images(args, task, sampling, size: int, n: int):
     """Image-to-image: the --init_image repeated n times, or None."""
     if args.init_image is None:
         return None
-    if task.concat:
+    if task.from_condition:
         raise UserError("--init_image is for runs without a dense (concat) condition.")
     try:
         task.img2img_start(args.strength, sampling)  # a bad strength fails before any work
@@ -357,7 +357,7 @@ def run(args) -> dict:
     workdir = pathlib.Path(args.workdir).absolute()
     restored = open_run(workdir, args.step, "diffusion", _overrides(args))
     task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
-    if task.concat and user is None:
+    if task.from_condition and user is None:
         raise UserError(_dense_hint(task))
     if user is not None and task.dense.kind == "semantic":
         user = (read_class_map(args.cond_image), user[1])

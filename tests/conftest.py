@@ -49,6 +49,24 @@ def data_dir(tmp_path_factory):
     return path
 
 
+SMALL_SCENES = {"train": 24, "test": 16}  # digit_scenes counts of `scenes_dir`
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+    """A small digit_scenes build through the prepare command (scene i of a split does
+    not depend on the split's size)."""
+    from ldm_jax.data.builders import digit_scenes
+    from ldm_jax.data.prepare import main as prepare_main
+
+    path = str(tmp_path_factory.mktemp("digit_scenes"))
+    with pytest.MonkeyPatch.context() as mp:
+        for split, count in SMALL_SCENES.items():
+            mp.setitem(digit_scenes.NUM_SCENES, split, count)
+        assert prepare_main(["--dataset", "digit_scenes", "--data_dir", path]) == 0
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_autoencoder_run(tmp_path_factory, data_dir):
     """The tiny autoencoder trained by the real CLI for 2 steps, then resumed to 4.

@@ -67,3 +67,18 @@ def listing(path: pathlib.Path) -> dict:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
+
+
+def assert_all_refused(main, cases, capsys, out, watched: dict) -> None:
+    """Each (name, argv, expected text) of `cases` makes `main(argv)` exit 2 with one line
+    naming the problem, no traceback; `out` is never created and the `watched` folders
+    are left as they were."""
+    from test_bad_inputs import _check_one_line_error
+
+    before = {k: listing(v) for k, v in watched.items()}
+    for name, argv, names in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        _check_one_line_error(name, exit_info.value.code, capsys.readouterr().err, names)
+    assert not out.exists()
+    assert {k: listing(v) for k, v in watched.items()} == before

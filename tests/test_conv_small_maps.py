@@ -58,3 +58,18 @@ def test_large_maps_and_strided_convs_go_to_xla():
         got = layers.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=dn)
         want = lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=dn)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_im2col_only_on_the_cpu_backend(backend, monkeypatch):
+    """The matmul path was measured for XLA:CPU: on GPU and TPU the same small-map conv
+    is traced as XLA's own convolution."""
+    x = jnp.zeros((1, 2, 2, 8))
+    w = jnp.zeros((3, 3, 8, 4))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    jaxpr = str(jax.make_jaxpr(
+        lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+    )(x, w))  # fmt: skip
+    assert ("conv_general_dilated" in jaxpr) == (backend != "cpu")
+    assert ("dot_general" in jaxpr) == (backend == "cpu")

@@ -78,7 +78,8 @@ def test_missing_first_stage_is_a_clear_error(tmp_path, data_dir):
 def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, condition):
     """A step on 8 fake devices equals one device's, also with a dense condition
     concatenated (low-res image; encoded masked image and mask; the class map through the
-    trainable rescaler) and with a layout's tokens by cross-attention."""
+    trainable rescaler) and with a layout's tokens by cross-attention beside the latents'
+    position channels."""
     import functools
 
     from flax import linen as nn
@@ -87,18 +88,18 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, conditio
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training.diffusion import DiffusionTask
 
-    kw = {} if condition in ("none", "layout") else {"conditioning_key": "hybrid"}
+    kw = {} if condition == "none" else {"conditioning_key": "hybrid"}
     if condition == "semantic":
         kw["data__condition__num_classes"] = 11
     if condition == "layout":
         kw.update(cond__kind="layout", cond__vocab_size=8192, cond__max_objects=3,
                   cond__n_layer=1, cond__heads=2, cond__dim_head=16, cond__n_classes=10)  # fmt: skip
-    dense = condition if condition != "layout" else "none"
+    dense = condition if condition != "layout" else "coords"  # the layout beside positions
     config = tiny_diffusion_config(
         tiny_autoencoder_run[0], batch_size=8, data__condition__kind=dense, **kw
     )
     task = DiffusionTask(config)
-    in_channels = {"none": 3, "low_res": 6, "inpaint": 7, "semantic": 6, "layout": 3}
+    in_channels = {"none": 3, "low_res": 6, "inpaint": 7, "semantic": 6, "layout": 5}
     assert task.unet.in_channels == in_channels[condition]
     frozen = task.frozen_params()
     state = jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.PRNGKey(0))

@@ -6,31 +6,18 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import SMALL_SCENES as SMALL
 from sklearn.datasets import load_digits
 
 from ldm_jax.data import open_source
 from ldm_jax.data.builders import digit_scenes as ds
 from ldm_jax.data.builders.digits import digit_grey, split_indices
-from ldm_jax.data.prepare import main as prepare_main
-
-SMALL = {"train": 24, "test": 16}
 
 
 @pytest.fixture(scope="module")
 def digits():
     data = load_digits()
     return data.images, data.target
-
-
-@pytest.fixture(scope="module")
-def scenes_dir(tmp_path_factory):
-    """A small build through the prepare command (scene i does not depend on the count)."""
-    path = str(tmp_path_factory.mktemp("digit_scenes"))
-    with pytest.MonkeyPatch.context() as mp:
-        for split, count in SMALL.items():
-            mp.setitem(ds.NUM_SCENES, split, count)
-        assert prepare_main(["--dataset", "digit_scenes", "--data_dir", path]) == 0
-    return path
 
 
 def _pixels(box):

@@ -22,6 +22,9 @@ PAPER = {
     "txt2img_ldm_kl8": ("txt2img-1p4B", "kl_f8", 4, 1280, 872_300_484, (0.00085, 0.012), "l2", 5e-5),
     "bsr_sr": ("bsr_sr", "vq_f4", (6, 3), None, 113_622_563, (0.0015, 0.0155), "l2", 1e-6),
     "inpainting_big": ("inpainting_big", "vq_f4_noattn", (7, 3), None, 387_245_827, (0.0015, 0.0205), "l1", 1e-6),
+    "semantic_synthesis256": ("semantic_synthesis", "vq_f4", (6, 3), None, 215_229_315, (0.0015, 0.0205), "l1", 1e-6),
+    "semantic_synthesis512": ("semantic_synthesis", "vq_f4", (6, 3), None, 215_229_315, (0.0015, 0.0205), "l1", 1e-6),
+    "layout2img_openimages256": ("layout2img", "vq_f4", 3, 512, 246_277_379, (0.0015, 0.0205), "l1", 2e-6),
 }  # fmt: skip
 
 
@@ -58,6 +61,25 @@ def test_paper_ldm_config(name):
     small = load_config(f"configs/diffusion/{name}.py:runlocal")
     assert small.first_stage.workdir == f"runs/{first_stage}_local"
     assert small.data.image_size == 32 and small.model.model_channels == 32
+
+
+def test_semantic_and_layout_paper_conditions():
+    """The semantic models concatenate the rescaled 182-class map (3 channels: in_channels
+    6), at 256 (batch 16) and 512 (batch 8, the reference's); the layout model's layout
+    is 30 objects as 90 tokens in the reference's 8192 ids and 92 positions."""
+    from ldm_jax.training.conditioner import Conditioner
+
+    for size, batch in ((256, 16), (512, 8)):
+        c = load_config(f"configs/diffusion/semantic_synthesis{size}.py")
+        assert c.conditioning_key == "concat" and c.data.image_size == size
+        assert c.batch_size == batch
+        assert c.data.condition.kind == "semantic" and c.data.condition.num_classes == 182
+        assert dict(c.data.condition.rescaler) == dict(n_stages=2, out_channels=3, multiplier=0.5)
+    c = load_config("configs/diffusion/layout2img_openimages256.py")
+    cond = Conditioner(c.cond, c.conditioning_key)
+    assert (cond.tokens.vocab_size, cond.tokens.length, cond.tokens.grid) == (8192, 90, 90)
+    assert (cond.module.n_embed, cond.module.n_layer, cond.module.max_seq_len) == (512, 16, 92)
+    assert c.data.objects.box_format == "yxyx" and c.data.name == "coco/2017"
 
 
 def test_txt2img_uses_the_sd_latent_scale():

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import listing, perturb
+from helpers import assert_all_refused, perturb
 from PIL import Image
 from toy import tiny_diffusion_config
 
@@ -326,8 +326,6 @@ def test_the_command_decodes_large_latents_in_tiles(dense_runs, files, tmp_path)
 # ----- (d) bad inputs --------------------------------------------------------------------
 def test_bad_condition_inputs_fail_in_one_line_and_write_nothing(dense_runs, files, tmp_path,
                                                                  capsys):  # fmt: skip
-    from test_bad_inputs import _check_one_line_error
-
     from ldm_jax import sample
 
     paths, _ = files
@@ -363,10 +361,4 @@ def test_bad_condition_inputs_fail_in_one_line_and_write_nothing(dense_runs, fil
                                             "--decode_tile=8", "--decode_overlap=8"),
          "--decode_overlap"),
     ]  # fmt: skip
-    before = {k: listing(v) for k, v in dense_runs.items()}
-    for name, args, names in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            sample.main(args)
-        _check_one_line_error(name, exit_info.value.code, capsys.readouterr().err, names)
-    assert not out.exists()
-    assert {k: listing(v) for k, v in dense_runs.items()} == before
+    assert_all_refused(sample.main, cases, capsys, out, dense_runs)

@@ -31,6 +31,8 @@ PAPER_COUNTS = {
     "cin-ldm-vq-f8": 394_984_196,
     "bsr_sr": 113_622_563,  # the reference UNetModel built in torch gives the same
     "inpainting_big": 387_245_827,
+    "semantic_synthesis": 215_229_315,  # both also the reference UNetModel's (sdkit)
+    "layout2img": 246_277_379,
     "txt2img-1p4B": 872_300_484,
     "sd-v1": 859_520_964,
     "sd-v2": 865_910_724,

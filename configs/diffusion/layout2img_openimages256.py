@@ -46,8 +46,7 @@ def get_config(arg=None):
         common.shrink_paper_ldm(c, "vq_f4")
         c.cond.update(kind="layout", n_classes=10, max_objects=4, max_length=12, n_layer=1,
                       heads=2, dim_head=16)  # fmt: skip
-        c.data.name = "digit_scenes"
-        c.data.image_size = 64
+        c.data.name = "digit_scenes"  # random 32² crops: maps and boxes cropped with them
         c.data.resize = None
         c.data.flip = False
         c.data.objects.update(bbox_key="objects/ink_bbox", box_format="xyxy")

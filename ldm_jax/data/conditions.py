@@ -11,6 +11,8 @@
     semantic  `segmentation`: [S, S] class ids in [0, num_classes) (int32 in batches), the
               example's class map (feature `map_key`) cropped with the image
               (ldm_jax.data.annotations)
+    coords    nothing: the UNet's position channels come from the latent size
+              (training/dense.py)
 
 Seeding follows the crops' contract (pipeline.py): the condition of the training example
 at global position g is drawn from `default_rng([seed, 2, g])`, so resumption and
@@ -26,7 +28,7 @@ import numpy as np
 from ldm_jax.data import degradations, masks, transforms
 from ldm_jax.errors import UserError
 
-KINDS = ("none", "low_res", "inpaint", "semantic")
+KINDS = ("none", "low_res", "inpaint", "semantic", "coords")
 CONDITION_TAG = 2  # beside pipeline's permutation (0) and example (1) tags
 
 

@@ -174,7 +174,7 @@ def restoration_kind(config, task) -> str | None:
 
     asked = conditions.settings(config.data.get("condition")).kind
     trained = task.dense.kind
-    if task.cond.kind == "layout" and trained == "none" and asked == "none":
+    if task.cond.kind == "layout" and trained in ("none", "coords") and asked == trained:
         return "layout"
     if trained != "none":
         if asked != trained:

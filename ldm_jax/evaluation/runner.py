@@ -231,7 +231,7 @@ class Evaluator:
             s, c = task.latent_size, task.first_stage.latent_channels
 
             def restore(state, frozen, inputs, condition, rng):  # in [-1, 1] already
-                if not task.concat:  # a layout: sampled from the conditioning inputs alone
+                if not task.from_condition:  # a layout: from its tokens alone
                     shape = (next(iter(inputs.values())).shape[0], s, s, c)
                     return task.sample(state, frozen, inputs, rng, shape=shape, sampling=sampling)
                 return task.sample_from_condition(

@@ -62,8 +62,9 @@ def conv_general_dilated(
     other process running; at [1, 32, 32, 640] -> 640 or [8, 8, 8, 256] -> 256 XLA is as
     fast or faster). Plain strided, undilated, ungrouped NHWC/HWIO convs on maps no larger
     than the kernel, on at most _IM2COL_PIXELS input pixels (B x H x W), or on at most
-    4 x _IM2COL_PIXELS with at least _IM2COL_DEPTH inputs per output take the matmul path;
-    everything else goes to XLA unchanged.
+    4 x _IM2COL_PIXELS with at least _IM2COL_DEPTH inputs per output take the matmul path
+    on the CPU backend; everything else, and every convolution on GPU or TPU, goes to XLA
+    unchanged.
     """
     kh, kw = rhs.shape[0], rhs.shape[1]
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -75,7 +76,9 @@ def conv_general_dilated(
         and batch_group_count == 1
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
     )
-    if not plain or not _im2col_pays(lhs.shape, kh, kw) or kh * kw == 1:
+    # Measured for XLA:CPU only: cuDNN and the TPU's convolution units keep their own.
+    on_cpu = jax.default_backend() == "cpu"
+    if not on_cpu or not plain or not _im2col_pays(lhs.shape, kh, kw) or kh * kw == 1:
         return lax.conv_general_dilated(
             lhs,
             rhs,

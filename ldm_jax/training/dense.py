@@ -12,6 +12,7 @@ mask) become its inputs for the sample command. A new kind is one new class.
               inpaint_mask [B, S, S, 1]       the mask at latent size, in {-1, 1}
     semantic  segmentation [B, S, S] ids      SpatialRescaler(one-hot map): n_stages     out
                                               bilinear halvings, 1x1 conv (trainable)
+    coords    (none)                          x and y of each latent pixel, -1..1          2
 
 The inpaint layout is the reference inpainting model's: [z_t, E(masked image), mask], with
 the masked region of the image at -1 (black) and the mask taken by nearest-neighbour
@@ -218,7 +219,26 @@ class Semantic(DenseCondition):
         return {"segmentation": ids[None].astype(np.int32)}
 
 
-KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic)}
+class Coordinates(DenseCondition):
+    """Where each latent pixel is (CoordConv): x and y from -1 to 1 across the latent.
+    Not a paper condition: it gives a layout run's UNet the absolute position that its
+    convolutions lack and that a cross-attended layout has to be matched against. Made
+    from the latent size alone ([1, h, w, 2], broadcast over the batch), so sampling at
+    another size spans the same -1..1."""
+
+    kind = "coords"
+
+    @property
+    def channels(self) -> int:
+        return 2
+
+    def features(self, params, frozen, inputs, latent_hw, scale_factor):
+        h, w = latent_hw
+        y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+        return jnp.stack([x, y], axis=-1)[None]
+
+
+KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic, Coordinates)}
 
 
 def make(config, first_stage) -> DenseCondition:

@@ -93,6 +93,12 @@ class DiffusionTask(Task):
         return self.dense.channels > 0
 
     @property
+    def from_condition(self) -> bool:
+        """Whether samples are drawn from a condition's arrays (an image, a mask, a map):
+        a dense condition with batch keys."""
+        return bool(self.dense.keys)
+
+    @property
     def grad_accum_steps(self) -> int:
         return int(self.config.train.get("grad_accum_steps", 1) or 1)
 
@@ -222,6 +228,8 @@ class DiffusionTask(Task):
         concatenated with z_t on the channel axis."""
         context, y = self.cond.embed(cond_params, frozen, inputs)
         if features is not None:
+            if features.shape[0] == 1:  # made from the size alone (coords)
+                features = jnp.broadcast_to(features, z_t.shape[:3] + features.shape[3:])
             z_t = jnp.concatenate([z_t, features.astype(z_t.dtype)], axis=-1)
         rngs = {"dropout": rng} if rng is not None else {}
         return self.unet.apply(
@@ -354,9 +362,9 @@ class DiffusionTask(Task):
         uncond = self.cond.null_inputs(batch) if uncond is None else uncond
         features = None
         if self.concat:
-            if dense is None:
+            if dense is None and self.from_condition:
                 raise UserError(f"this run samples from a {self.dense.kind} condition; give it.")
-            features = self.dense_features(state, frozen, dense, latent_hw)
+            features = self.dense_features(state, frozen, dense or {}, latent_hw)
         fn = self._guided_model_fn(state, frozen, inputs, uncond, features, sampling, batch)
         return samplers.get_sampler(sampling.sampler)(
             fn, self.sched, start, rng, parameterization=self.config.diffusion.parameterization,
@@ -370,7 +378,8 @@ class DiffusionTask(Task):
 
         def model_fn(x, t, c):
             f = features
-            if f is not None:  # guidance doubles the batch: the features are repeated with it
+            if f is not None and f.shape[0] == batch != x.shape[0]:
+                # guidance doubles the batch: the features are repeated with it
                 f = jnp.concatenate([f] * (x.shape[0] // batch), axis=0)
             return self._apply_gathered(ema, cond_params, frozen, x, t, c, f, False)
 
@@ -452,7 +461,7 @@ class DiffusionTask(Task):
         per eval example for text, layout and dense-condition models, `rows` otherwise."""
         if self.cond.kind == "class":
             return min(rows, self.cond.n_classes)
-        if self.concat or self.cond.per_example:
+        if self.from_condition or self.cond.per_example:
             return min(rows, batch["image"].shape[0])
         return rows
 
@@ -466,14 +475,14 @@ class DiffusionTask(Task):
         else:  # the eval batch's tokens (text) are device inputs already
             inputs = _cond_inputs(batch)
         grid = []
-        if self.concat or self.cond.per_example:
+        if self.from_condition or self.cond.per_example:
             grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
         if self.cond.kind == "layout":
             size = batch["image"].shape[1]
             tokens = MeshRun.all_rows(batch["tokens"])[:cols]
             grid.append(np.stack([self.cond.layout_picture(t, size) for t in tokens]))
         condition = {}
-        if self.concat:
+        if self.from_condition:
             condition = {"image": batch["image"], **self.dense.host_inputs(batch)}
             shown = self.condition_images({k: MeshRun.all_rows(v) for k, v in condition.items()})
             grid.append(images_lib.to_uint8(shown[:cols]))
@@ -497,7 +506,7 @@ class DiffusionTask(Task):
 
             def fn(state, frozen, inputs, condition, rng):
                 inputs = {k: v[:n] for k, v in inputs.items()}
-                if self.concat:  # inpainting keeps the image outside the mask
+                if self.from_condition:  # inpainting keeps the image outside the mask
                     condition = {k: v[:n] for k, v in condition.items()}
                     return self.sample_from_condition(state, frozen, inputs, rng, condition)
                 return self.sample(state, frozen, inputs, rng, shape=(n, s, s, c))
