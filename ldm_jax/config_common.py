@@ -455,11 +455,11 @@ def digit_scene_config(task: str, steps: int, runlocal: bool) -> ml_collections.
         c.conditioning_key = "concat"
         c.data.condition.update(kind="semantic", num_classes=11)
     else:
-        # The layout by cross-attention, beside the latents' position (dense kind 'coords',
-        # not in the paper): the UNet's convolutions do not know where they are, and the
-        # boxes name places. Without it, 2000 steps gave samples that ignore the layout.
-        c.conditioning_key = "hybrid"
-        c.data.condition.kind = "coords"
+        # The paper's cross-attention alone. Tried beside it, without a measurable gain in
+        # 2000 steps (BENCHMARKS.md): the latents' position as input channels
+        # (conditioning_key 'hybrid', data.condition.kind 'coords', with `frequencies`)
+        # and corner embeddings started from their grid points (cond.corner_init).
+        c.conditioning_key = "crossattn"
         c.cond.update(
             # vocab 257: a 16 x 16 corner grid (4 px cells, boxes within 2 px). The paper's
             # 8192 (90 x 90) would leave each corner token ~15 sightings in this budget,

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layout",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=None,
         help="layout runs: 'LABEL:x0,y0,x1,y1;...' or a .json file of layouts (one row each)",
     )

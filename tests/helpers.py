@@ -82,3 +82,21 @@ def assert_all_refused(main, cases, capsys, out, watched: dict) -> None:
         _check_one_line_error(name, exit_info.value.code, capsys.readouterr().err, names)
     assert not out.exists()
     assert {k: listing(v) for k, v in watched.items()} == before
+
+
+def write_diffusion_run(workdir: pathlib.Path, config, *, scale: float = 0.05) -> None:
+    """A step-0 checkpoint of `config` in `workdir`, its EMA UNet perturbed so that the
+    output (zero-initialised last layer) depends on its inputs: writing a run costs
+    seconds where training one costs a train-step compile, and commands and the API must
+    agree on any weights."""
+    from flax import linen as nn
+
+    from ldm_jax.training import checkpoint as ckpt_lib
+    from ldm_jax.training.diffusion import DiffusionTask
+
+    task = DiffusionTask(config)
+    state = nn.unbox(jax.jit(task.init_state)(jax.random.PRNGKey(0)))
+    state = state.replace(ema_params=perturb(state.ema_params, scale=scale, seed=1))
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+    ckpt.save(0, state, {}, config, force=True)
+    ckpt.close()

@@ -32,7 +32,7 @@ PAPER = {
 
 def test_every_autoencoder_config_is_listed():
     names = {pathlib.Path(p).stem for p in glob.glob(str(ROOT / "configs/autoencoder/*.py"))}
-    assert names == set(PAPER) | {"quickstart"}
+    assert names == set(PAPER) | {"quickstart", "digit_scenes"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -92,7 +92,7 @@ def test_eight_devices_equal_one_device(tiny_autoencoder_run, data_dir, conditio
     if condition == "semantic":
         kw["data__condition__num_classes"] = 11
     if condition == "layout":
-        kw.update(cond__kind="layout", cond__vocab_size=8192, cond__max_objects=3,
+        kw.update(cond__kind="layout", cond__vocab_size=257, cond__max_objects=3,
                   cond__n_layer=1, cond__heads=2, cond__dim_head=16, cond__n_classes=10)  # fmt: skip
     dense = condition if condition != "layout" else "coords"  # the layout beside positions
     config = tiny_diffusion_config(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_all_refused, perturb
+from helpers import assert_all_refused, write_diffusion_run
 from PIL import Image
 from toy import tiny_diffusion_config
 
@@ -50,11 +50,6 @@ def _png(path, array) -> str:
 
 
 def _write_run(workdir, ae_workdir, kind: str) -> None:
-    from flax import linen as nn
-
-    from ldm_jax.training import checkpoint as ckpt_lib
-    from ldm_jax.training.diffusion import DiffusionTask
-
     config = tiny_diffusion_config(
         ae_workdir,
         data__condition__kind=kind,
@@ -63,12 +58,7 @@ def _write_run(workdir, ae_workdir, kind: str) -> None:
         model__use_spatial_transformer=False,  # no context without cross-attention
         latent_cache__enabled=False,  # nothing is trained here
     )
-    task = DiffusionTask(config)
-    state = nn.unbox(jax.jit(task.init_state)(jax.random.PRNGKey(0)))
-    state = state.replace(ema_params=perturb(state.ema_params, scale=0.05, seed=1))
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
-    ckpt.save(0, state, {}, config, force=True)
-    ckpt.close()
+    write_diffusion_run(workdir, config)
 
 
 @pytest.fixture(scope="module")

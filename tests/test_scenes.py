@@ -11,10 +11,11 @@ depends on the condition.
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import assert_all_refused, perturb
+from helpers import assert_all_refused, write_diffusion_run
 from PIL import Image
 
 from ldm_jax import config_common
@@ -30,7 +31,7 @@ def _config(task, ae_workdir, data_dir, steps=STEPS):
     c = config_common.digit_scene_config(task, steps, runlocal=True)
     c.first_stage.workdir = str(ae_workdir)
     c.data.data_dir = data_dir
-    c.batch_size = 8  # over the 8 test devices
+    c.batch_size = c.train.eval_batch_size = 8  # over the 8 test devices
     c.train.update(eval_every=1000, image_every=1000, progress_bar=False, log_every=1)
     return c
 
@@ -38,19 +39,12 @@ def _config(task, ae_workdir, data_dir, steps=STEPS):
 @pytest.fixture(scope="module")
 def scene_runs(tmp_path_factory, tiny_autoencoder_run, scenes_dir):
     """{"semantic": run, "layout": run}: step-0 checkpoints, perturbed EMA."""
-    from ldm_jax.training import checkpoint as ckpt_lib
-    from ldm_jax.training.diffusion import DiffusionTask
-
     root, runs = tmp_path_factory.mktemp("scene_runs"), {}
     for task_name in ("semantic", "layout"):
-        config = _config(task_name, tiny_autoencoder_run[0], scenes_dir)
-        task = DiffusionTask(config)
-        state = nn.unbox(jax.jit(task.init_state)(jax.random.PRNGKey(0)))
-        state = state.replace(ema_params=perturb(state.ema_params, scale=0.05, seed=1))
         runs[task_name] = root / task_name
-        ckpt = ckpt_lib.Checkpointer(runs[task_name] / "checkpoints", keep=1, async_save=False)
-        ckpt.save(0, state, {}, config, force=True)
-        ckpt.close()
+        write_diffusion_run(
+            runs[task_name], _config(task_name, tiny_autoencoder_run[0], scenes_dir)
+        )
     return runs
 
 
@@ -138,11 +132,15 @@ def test_layout_command_equals_the_api_from_text_and_json(scene_runs, scene, tmp
     saved = json.loads((out / "samples.json").read_text())
     assert saved["conditions"][0] == [{"label": "3", "box": [0.1, 0.1, 0.4, 0.5]},
                                       {"label": "7", "box": [0.55, 0.4, 0.9, 0.9]}]  # fmt: skip
-    # each row starts with its own layout drawn: the outline of box 1 of row 0 is lit
+    # each row starts with its own layout drawn, as the run sees it (the corners on its
+    # grid): the outline of row 0's first box is lit, its inside dark
     shown = np.load(out / "samples.npz")["condition"]
     assert shown.shape == (2, 64, 64, 3)
-    x0, y0, x1, y1 = (round(v * 64) for v in (0.1, 0.1, 0.4, 0.5))
-    assert shown[0, y0, x0:x1].max() > 0 and shown[0, y0 + 5, x0 + 5].max() == 0
+    tokens = task.cond.tokens
+    box = tokens.decode(tokens.encode(wanted[0])[0]).boxes[0]
+    x0, y0, x1, y1 = (int(v * 64) for v in box)
+    assert shown[0, y0 : y0 + 2, x0 + 2 : x1 - 2].max() > 0
+    assert shown[0, (y0 + y1) // 2, (x0 + x1) // 2].max() == 0
     assert not np.array_equal(shown[0], shown[1])
 
 
@@ -203,6 +201,27 @@ def test_position_channels_span_the_latent_at_any_size():
         np.testing.assert_allclose(f[0, 0, :, 1], -1.0)  # y: top -1, bottom 1
         np.testing.assert_allclose(f[0, -1, :, 1], 1.0)
         np.testing.assert_allclose(np.diff(f[0, 0, :, 0]), 2.0 / (w - 1), rtol=1e-5)
+    fourier = dense.Coordinates(ml_collections.ConfigDict({"frequencies": (1.0, 4.0)}), None)
+    f = np.asarray(fourier.features(None, {}, {}, (8, 8), 1.0))[0]
+    assert fourier.channels == f.shape[-1] == 2 + 4 * 2
+    x, y = f[..., 0], f[..., 1]  # then sin, cos of pi f x, and of pi f y, per frequency
+    np.testing.assert_allclose(f[..., 2], np.sin(np.pi * x), atol=1e-6)
+    np.testing.assert_allclose(f[..., 9], np.cos(4 * np.pi * y), atol=1e-6)
+
+
+def test_corner_embeddings_can_start_at_their_grid_points():
+    from ldm_jax.training.conditioner import Conditioner
+
+    cfg = dict(kind="layout", n_classes=10, vocab_size=101, max_objects=2, embed_dim=16,
+               n_layer=1, max_length=6, heads=2, dim_head=8, corner_init="fourier")  # fmt: skip
+    cond = Conditioner(ml_collections.ConfigDict(cfg), "crossattn")
+    table = np.asarray(nn.unbox(cond.init(jax.random.PRNGKey(0)))["token_emb"]["embedding"])
+    features = cond.tokens.corner_features(16)  # G = 10: 100 corners, 3 frequencies
+    np.testing.assert_array_equal(table[:100], features)
+    g = cond.tokens.grid
+    x = (np.arange(100) % g) / (g - 1) * 2 - 1
+    np.testing.assert_allclose(features[:, 0], np.sin(np.pi * x), atol=1e-6)
+    assert np.all(features[:, 12:] == 0) and np.std(table[100:]) > 0  # the rest stays random
 
 
 def test_layout_batches_carry_the_ink_boxes(scenes_dir):

@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
             map_key="segmentation",  # semantic: the dataset's class-map feature
             # semantic: the trainable SpatialRescaler from the one-hot map to the latents
             rescaler=dict(n_stages=2, out_channels=3, multiplier=0.5),
+            frequencies=(),  # coords: Fourier features of the position at these
         )
     )
 

@@ -12,7 +12,9 @@ does, it enters the UNet through a transformer over tokens, with no text tokeniz
                            unconditional input of classifier-free guidance)
 
 Class ids and corners share the id range (the transformer's positions tell them apart);
-ids must stay below PAD. A corner decodes to the grid point it names, so a box comes back
+ids must stay below PAD. The embedding table starts random as the reference's, or with
+`cond.corner_init='fourier'` with each corner's grid point as Fourier features
+(`corner_features`), so that where a corner is need not be learnt token by token. A corner decodes to the grid point it names, so a box comes back
 within half a grid cell, 0.5 / (G - 1), on each coordinate. Objects beyond max_objects
 are dropped (`truncated` counts them; the caller warns).
 """
@@ -69,6 +71,21 @@ class TokenLayout(NamedTuple):
                 f"cond.n_classes={n_classes} does not fit below the pad token {self.pad}; "
                 "raise cond.vocab_size."
             )
+
+    def corner_features(self, dim: int) -> np.ndarray:
+        """float32 [G * G, dim]: each corner token's grid point (x, y) as Fourier features,
+        sin and cos of pi * f * (2x - 1) and of pi * f * (2y - 1) for f = 1, 2, 4, ...,
+        filling the first 4 * n columns (n frequencies up to half the grid); the rest 0.
+        An embedding table started from these knows where its corners are."""
+        g = self.grid
+        ids = np.arange(g * g)
+        x, y = (ids % g) / (g - 1) * 2 - 1, (ids // g) / (g - 1) * 2 - 1
+        n = min(dim // 4, max(1, int(np.log2(g))))
+        freqs = np.pi * 2.0 ** np.arange(n)
+        parts = [f(v[:, None] * freqs) for v in (x, y) for f in (np.sin, np.cos)]
+        out = np.zeros((g * g, dim), np.float32)
+        out[:, : 4 * n] = np.concatenate(parts, axis=1)
+        return out
 
     def corner(self, x, y) -> np.ndarray:
         g = self.grid

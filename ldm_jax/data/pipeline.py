@@ -175,13 +175,14 @@ class _Reader:
         s = self.s
         image = lookup(example, s.image_key)
         h, w = image.shape[:2]
-        geometry = annotations.plan(h, w, s, self.train, rng)
-        if min(geometry.resized_hw) < s.image_size:
+        resized = (h, w) if s.resize is None else transforms.resized_shape(h, w, s.resize)
+        if min(resized) < s.image_size:
             raise UserError(
                 f"Example {index} of '{self.source.name}' is {h}x{w}, smaller than "
                 f"data.image_size={s.image_size}; set data.resize={s.image_size} to upscale "
                 "the smaller side before cropping."
             )
+        geometry = annotations.plan(h, w, s, self.train, rng)
         out = {"image": geometry.image(image)}
         if self.map_key:
             out["segmentation"] = self._class_map(index, example, geometry)

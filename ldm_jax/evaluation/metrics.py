@@ -595,8 +595,16 @@ class _SceneMetric(RestorationMetric):
         m = np.asarray(batch.mask, bool)
         for side, images in batch.outputs.items():
             sums, counts = self.scores(images, batch)
-            acc = self.sums.setdefault(side, np.zeros(2, np.float64))
-            acc += [np.asarray(sums)[m].sum(), np.asarray(counts)[m].sum()]
+            acc = self.sums.setdefault(side, np.zeros(3, np.float64))
+            acc += [np.asarray(sums)[m].sum(), np.asarray(counts)[m].sum(), m.sum()]
+
+    def result(self):
+        out = {}
+        for side, acc in self.sums.items():  # the same order on every process
+            total, count, images = _exact_sum_over_processes(acc)
+            out[result_key(side, self.name)] = float(total / max(count, 1.0))
+            self.ctx.report["settings"]["num_images"] = int(images)
+        return out
 
 
 def _scene_classifier(ctx):

@@ -219,9 +219,26 @@ class Conditioner:
         if self.kind == "class":
             return self.module.init(rng, jnp.zeros((1,), jnp.int32))["params"]
         if self.kind == "layout":
-            return self.module.init(rng, jnp.zeros((1, self.tokens.length), jnp.int32))["params"]
+            params = self.module.init(rng, jnp.zeros((1, self.tokens.length), jnp.int32))
+            return self._corner_init(params["params"])
         tokens = jnp.zeros((1, self.cfg.max_length), jnp.int32)
         return self.module.init(rng, tokens, jnp.ones_like(tokens, bool))["params"]
+
+    def _corner_init(self, params):
+        """`cond.corner_init='fourier'`: the corner tokens' rows of the embedding table
+        start as their grid points' Fourier features (layouts.TokenLayout.corner_features);
+        'normal' (the reference's) leaves the table random."""
+        init = self.cfg.get("corner_init", "normal")
+        if init not in ("normal", "fourier"):
+            raise UserError(f"cond.corner_init={init!r}; valid: 'normal', 'fourier'.")
+        if init == "normal":
+            return params
+        boxed = params["token_emb"]["embedding"]
+        table = boxed.value if hasattr(boxed, "value") else boxed
+        corners = jnp.asarray(self.tokens.corner_features(table.shape[1]), table.dtype)
+        table = table.at[: corners.shape[0]].set(corners)
+        emb = boxed.replace_boxed(table) if hasattr(boxed, "replace_boxed") else table
+        return {**params, "token_emb": {**params["token_emb"], "embedding": emb}}
 
     def frozen_params(self) -> dict:
         return {} if self._frozen is None else {"text_encoder": self._frozen["params"]}

@@ -12,7 +12,8 @@ mask) become its inputs for the sample command. A new kind is one new class.
               inpaint_mask [B, S, S, 1]       the mask at latent size, in {-1, 1}
     semantic  segmentation [B, S, S] ids      SpatialRescaler(one-hot map): n_stages     out
                                               bilinear halvings, 1x1 conv (trainable)
-    coords    (none)                          x and y of each latent pixel, -1..1          2
+    coords    (none)                          x and y of each latent pixel, -1..1, and   2 + 4n
+                                              their Fourier features at n frequencies
 
 The inpaint layout is the reference inpainting model's: [z_t, E(masked image), mask], with
 the masked region of the image at -1 (black) and the mask taken by nearest-neighbour
@@ -229,13 +230,26 @@ class Coordinates(DenseCondition):
     kind = "coords"
 
     @property
+    def frequencies(self) -> tuple[float, ...]:
+        return tuple(
+            float(f) for f in (self.settings.get("frequencies", ()) if self.settings else ())
+        )
+
+    @property
     def channels(self) -> int:
-        return 2
+        return 2 + 4 * len(self.frequencies)
 
     def features(self, params, frozen, inputs, latent_hw, scale_factor):
+        """[1, h, w, channels]: x, y, then sin and cos of pi * f * x and of pi * f * y for
+        each of `condition.frequencies` (Fourier features a layout's corners can be
+        matched against by attention)."""
         h, w = latent_hw
         y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
-        return jnp.stack([x, y], axis=-1)[None]
+        parts = [x, y]
+        for f in self.frequencies:
+            for v in (x, y):
+                parts += [jnp.sin(jnp.pi * f * v), jnp.cos(jnp.pi * f * v)]
+        return jnp.stack(parts, axis=-1)[None]
 
 
 KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic, Coordinates)}
