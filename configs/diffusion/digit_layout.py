@@ -16,5 +16,5 @@ from ldm_jax import config_common as common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, runlocal=False, steps=1500)
+    args = common.parse_arg(arg, runlocal=False, steps=2000)  # 15 min on 2 cores
     return common.digit_scene_config("layout", args.steps, args.runlocal)
