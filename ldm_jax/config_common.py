@@ -469,11 +469,14 @@ def digit_scene_config(task: str, steps: int, runlocal: bool) -> ml_collections.
         c.conditioning_key = "concat"
         c.data.condition.update(kind="semantic", num_classes=11)
     else:
-        # The paper's cross-attention alone. Tried beside it, without a measurable gain in
-        # 2000 steps (BENCHMARKS.md): the latents' position as input channels
-        # (conditioning_key 'hybrid', data.condition.kind 'coords', with `frequencies`)
-        # and corner embeddings started from their grid points (cond.corner_init).
-        c.conditioning_key = "crossattn"
+        # The tokens by cross-attention (the paper's layout model), and each class's boxes
+        # drawn at latent size, concatenated (data.condition.kind 'boxes'). With the
+        # cross-attention alone (conditioning_key 'crossattn', data.condition.kind 'none')
+        # 2000 steps stay at chance, as they do with the latents' position as channels
+        # ('coords') or corner embeddings started from their grid points
+        # (cond.corner_init): BENCHMARKS.md.
+        c.conditioning_key = "hybrid"
+        c.data.condition.kind = "boxes"
         c.cond.update(
             # vocab 257: a 16 x 16 corner grid (4 px cells, boxes within 2 px). The paper's
             # 8192 (90 x 90) would leave each corner token ~15 sightings in this budget,

@@ -21,6 +21,7 @@ from PIL import Image
 from ldm_jax import config_common
 from ldm_jax.data import images as images_lib
 from ldm_jax.data import layouts, pipeline
+from ldm_jax.errors import UserError
 from ldm_jax.evaluation import scene_metrics
 
 STEPS = 4
@@ -207,6 +208,44 @@ def test_position_channels_span_the_latent_at_any_size():
     x, y = f[..., 0], f[..., 1]  # then sin, cos of pi f x, and of pi f y, per frequency
     np.testing.assert_allclose(f[..., 2], np.sin(np.pi * x), atol=1e-6)
     np.testing.assert_allclose(f[..., 9], np.cos(4 * np.pi * y), atol=1e-6)
+
+
+def _supersampled_boxes(layout, n_classes, h, w, k=16):
+    """Each box painted on a k-times finer grid and averaged back to h x w; per class, the
+    largest of its boxes' shares."""
+    out = np.zeros((h, w, n_classes))
+    ys, xs = (np.arange(h * k) + 0.5) / (h * k), (np.arange(w * k) + 0.5) / (w * k)
+    for label, (x0, y0, x1, y1) in zip(layout.labels, layout.boxes):
+        inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+        share = inside.reshape(h, k, w, k).mean(axis=(1, 3))
+        out[..., label] = np.maximum(out[..., label], share)
+    return out
+
+
+def test_boxes_are_drawn_from_the_layout_tokens_at_latent_size():
+    from ldm_jax.training import dense
+    from ldm_jax.training.conditioner import Conditioner
+
+    cfg = dict(kind="layout", n_classes=10, vocab_size=257, max_objects=4, embed_dim=16,
+               n_layer=1, max_length=12, heads=2, dim_head=8)  # fmt: skip
+    cond = Conditioner(ml_collections.ConfigDict(cfg), "hybrid")
+    settings = ml_collections.ConfigDict({"kind": "boxes"})
+    boxes = dense.Boxes(settings, None, ml_collections.ConfigDict(cfg))
+    # on the 16 x 16 corner grid (x = i / 15): two 3s that overlap, a 7, nothing else
+    grid = np.array([[0, 0, 8, 8], [3, 3, 12, 6], [6, 9, 15, 15]]) / 15
+    layout = layouts.Layout(np.array([3, 3, 7]), grid.astype(np.float32))
+    inputs = cond.inputs([layout, layouts.Layout.empty()])
+    for h, w in ((16, 16), (8, 12)):
+        drawn = np.asarray(boxes.from_cond_inputs(inputs, (h, w)))
+        assert drawn.shape == (2, h, w, 10) and boxes.channels == 10
+        np.testing.assert_allclose(drawn[0], _supersampled_boxes(layout, 10, h, w), atol=0.04)
+        assert drawn[0, ..., 3].max() == 1.0
+        assert np.all(drawn[1] == 0)  # the empty layout draws nothing
+        assert np.all(np.delete(drawn[0], [3, 7], axis=-1) == 0)
+    null = cond.null_inputs(3)  # classifier-free guidance's null: no boxes either
+    assert np.all(np.asarray(boxes.from_cond_inputs(null, (4, 4))) == 0)
+    with pytest.raises(UserError, match="needs config.cond.kind='layout'"):
+        dense.Boxes(settings, None, ml_collections.ConfigDict({"kind": "class"}))
 
 
 def test_corner_embeddings_can_start_at_their_grid_points():

@@ -13,6 +13,7 @@
               (ldm_jax.data.annotations)
     coords    nothing: the UNet's position channels come from the latent size
               (training/dense.py)
+    boxes     nothing: a layout run's boxes are drawn from its tokens (training/dense.py)
 
 Seeding follows the crops' contract (pipeline.py): the condition of the training example
 at global position g is drawn from `default_rng([seed, 2, g])`, so resumption and
@@ -28,7 +29,7 @@ import numpy as np
 from ldm_jax.data import degradations, masks, transforms
 from ldm_jax.errors import UserError
 
-KINDS = ("none", "low_res", "inpaint", "semantic", "coords")
+KINDS = ("none", "low_res", "inpaint", "semantic", "coords", "boxes")
 CONDITION_TAG = 2  # beside pipeline's permutation (0) and example (1) tags
 
 

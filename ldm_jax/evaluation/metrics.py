@@ -174,7 +174,8 @@ def restoration_kind(config, task) -> str | None:
 
     asked = conditions.settings(config.data.get("condition")).kind
     trained = task.dense.kind
-    if task.cond.kind == "layout" and trained in ("none", "coords") and asked == trained:
+    # a layout run's dense kind, if any, only helps place its boxes (training/dense.py)
+    if task.cond.kind == "layout" and trained in ("none", "coords", "boxes") and asked == trained:
         return "layout"
     if trained != "none":
         if asked != trained:

@@ -14,6 +14,8 @@ mask) become its inputs for the sample command. A new kind is one new class.
                                               bilinear halvings, 1x1 conv (trainable)
     coords    (none)                          x and y of each latent pixel, -1..1, and   2 + 4n
                                               their Fourier features at n frequencies
+    boxes     (the layout's `tokens`, the     each class's boxes drawn at latent size:   classes
+              conditioner's inputs)           the share of each latent pixel covered
 
 The inpaint layout is the reference inpainting model's: [z_t, E(masked image), mask], with
 the masked region of the image at -1 (black) and the mask taken by nearest-neighbour
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.data import condition_pictures, transforms
+from ldm_jax.data import condition_pictures, layouts, transforms
 from ldm_jax.data import conditions as data_conditions
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioning
@@ -43,12 +45,18 @@ class DenseCondition:
     kind = "none"
     keys: tuple[str, ...] = ()
 
-    def __init__(self, settings, first_stage):
+    def __init__(self, settings, first_stage, cond_cfg=None):
         self.settings, self.first_stage = settings, first_stage
 
     @property
     def channels(self) -> int:
         return 0
+
+    def from_cond_inputs(self, cond_inputs: dict, latent_hw):
+        """Features made from the conditioner's inputs rather than the batch's (None:
+        none). They follow the conditioner's classifier-free dropout and guidance: the
+        null condition gives the null features."""
+        return None
 
     def init(self, rng):
         """The condition's trainable weights (None: it has none)."""
@@ -157,7 +165,7 @@ class Semantic(DenseCondition):
     kind = "semantic"
     keys = ("segmentation",)
 
-    def __init__(self, settings, first_stage):
+    def __init__(self, settings, first_stage, cond_cfg=None):
         super().__init__(settings, first_stage)
         r = {"n_stages": 2, "out_channels": 3, "multiplier": 0.5, **dict(settings.rescaler)}
         self.num_classes = int(settings.num_classes)
@@ -252,7 +260,57 @@ class Coordinates(DenseCondition):
         return jnp.stack(parts, axis=-1)[None]
 
 
-KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic, Coordinates)}
+class Boxes(DenseCondition):
+    """A layout run's boxes drawn at latent size, one channel per class: the share of each
+    latent pixel covered by the class's box that covers most of it, 0..1. Not a
+    paper condition: beside the tokens' cross-attention (conditioning_key 'hybrid'), it
+    puts each box where the UNet's convolutions see it, as a class map does for semantic
+    synthesis. Drawn from the layout tokens themselves, so the empty layout of
+    classifier-free guidance draws nothing."""
+
+    kind = "boxes"
+
+    def __init__(self, settings, first_stage, cond_cfg=None):
+        super().__init__(settings, first_stage)
+        if cond_cfg is None or cond_cfg.get("kind") != "layout":
+            raise UserError(
+                "data.condition.kind='boxes' draws a layout's boxes: it needs "
+                "config.cond.kind='layout' (and conditioning_key 'hybrid')."
+            )
+        self.n_classes = int(cond_cfg.n_classes)
+        self.tokens = layouts.TokenLayout(int(cond_cfg.vocab_size), int(cond_cfg.max_objects))
+
+    @property
+    def channels(self) -> int:
+        return self.n_classes
+
+    def from_cond_inputs(self, cond_inputs, latent_hw):
+        return draw_boxes(cond_inputs["tokens"], self.tokens, self.n_classes, latent_hw)
+
+
+def _cover(lo, hi, n: int):
+    """[..., n]: the share of each of n equal cells of [0, 1] inside [lo, hi]."""
+    edges = jnp.arange(n + 1, dtype=jnp.float32) / n
+    inside = jnp.minimum(hi[..., None], edges[1:]) - jnp.maximum(lo[..., None], edges[:-1])
+    return jnp.clip(inside * n, 0.0, 1.0)
+
+
+def draw_boxes(tokens, scheme: layouts.TokenLayout, n_classes: int, hw):
+    """float32 [B, h, w, n_classes]: the boxes that layout `tokens` [B, 3 * max_objects]
+    name: in each class's channel, the share of each pixel covered by that class's box
+    that covers most of it."""
+    g, (h, w) = scheme.grid, hw
+    objects = jnp.asarray(tokens).reshape(tokens.shape[0], -1, layouts.TOKENS_PER_OBJECT)
+    label, first, last = objects[..., 0], objects[..., 1], objects[..., 2]
+    x0, y0 = (first % g) / (g - 1), (first // g) / (g - 1)
+    x1, y1 = (last % g) / (g - 1), (last // g) / (g - 1)
+    box = _cover(y0, y1, h)[..., :, None] * _cover(x0, x1, w)[..., None, :]  # [B, M, h, w]
+    real = (label != scheme.pad) & (label < n_classes)
+    which = jax.nn.one_hot(label, n_classes) * real[..., None]  # [B, M, C]
+    return jnp.max(box[..., None] * which[:, :, None, None, :], axis=1)
+
+
+KINDS = {cls.kind: cls for cls in (DenseCondition, LowRes, Inpaint, Semantic, Coordinates, Boxes)}
 
 
 def make(config, first_stage) -> DenseCondition:
@@ -270,4 +328,4 @@ def make(config, first_stage) -> DenseCondition:
             f"config.data.condition.kind={settings.kind!r} needs conditioning_key 'concat' "
             f"(or 'hybrid' with cross-attention), not {config.conditioning_key!r}."
         )
-    return KINDS[settings.kind](settings, first_stage)
+    return KINDS[settings.kind](settings, first_stage, config.get("cond"))

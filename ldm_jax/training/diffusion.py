@@ -227,6 +227,9 @@ class DiffusionTask(Task):
         """The UNet's output at z_t; `features` (the dense condition's, or None) are
         concatenated with z_t on the channel axis."""
         context, y = self.cond.embed(cond_params, frozen, inputs)
+        drawn = self.dense.from_cond_inputs(inputs, z_t.shape[1:3])
+        if drawn is not None:  # e.g. a layout's boxes: dropped and guided with `inputs`
+            features = drawn if features is None else jnp.concatenate([features, drawn], -1)
         if features is not None:
             if features.shape[0] == 1:  # made from the size alone (coords)
                 features = jnp.broadcast_to(features, z_t.shape[:3] + features.shape[3:])
