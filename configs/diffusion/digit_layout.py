@@ -1,6 +1,9 @@
 """CPU experiment on the embedded digit_scenes: layout-to-image, each digit's ink box and
 label as tokens (ldm_jax.data.layouts) through a small transformer, by cross-attention,
-in the latents of the digit-scenes KL-f4 autoencoder (see config_common.digit_scene_config).
+and the same boxes drawn at latent size, one channel per class, concatenated (dense kind
+'boxes'), in the latents of the digit-scenes KL-f4 autoencoder (see
+config_common.digit_scene_config). The paper's form, tokens alone:
+--config.conditioning_key=crossattn --config.data.condition.kind=none.
 
     python -m ldm_jax.train --config configs/autoencoder/digit_scenes.py \
         --workdir runs/digit_scenes/autoencoder
