@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
+
+from ldm_jax import storage
 
 # Flags that set `config.evaluation` fields (ldm_jax.evaluation.settings) of the same name,
 # their defaults taken from there; --guidance sets `guidance`.
@@ -130,14 +131,14 @@ def run(args) -> dict:
         evaluator = runner.Evaluator(config, restored.task, restored.mesh_run, eval_settings)
         results, details = evaluator(restored.state)
     report = {
-        "workdir": str(pathlib.Path(args.workdir).absolute()),
+        "workdir": str(storage.path(args.workdir)),
         "step": step,
         "stage": config.stage,
         **details,
         "results": results,
     }
     name = f"{'_'.join(eval_settings.metrics)}_step{step}.json"
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval" / name
+    out = storage.path(args.out) if args.out else storage.path(args.workdir) / "eval" / name
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pathlib
 
-from ldm_jax import runtime
+from ldm_jax import runtime, storage
 from ldm_jax.config_loader import load_config
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -47,7 +46,7 @@ def _accuracy(samples: dict, data_dir) -> dict:
     }
 
 
-def _sample(workdir: pathlib.Path, out: pathlib.Path, *, labels=None, prompts=None, n: int):
+def _sample(workdir: storage.Path, out: storage.Path, *, labels=None, prompts=None, n: int):
     from ldm_jax import sample
 
     argv = [f"--workdir={workdir}", f"--out={out}", f"--num_per_condition={n}"]
@@ -68,7 +67,7 @@ def main(argv=None) -> dict:
     runtime.setup()
     from ldm_jax.training import loop
 
-    root = pathlib.Path(args.workdir).absolute()
+    root = storage.path(args.workdir)
     small = "runlocal" if args.runlocal else ""
     n = 2 if args.runlocal else args.samples_per_class
     summary: dict = {}

@@ -57,10 +57,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data import images as images_lib
 from ldm_jax.errors import UserError
 
@@ -199,8 +199,8 @@ def read_class_map(path) -> np.ndarray:
     """A PNG of class ids -> int [H, W] (mode L, P or I; RGB only with equal channels)."""
     from PIL import Image
 
-    path = pathlib.Path(path)
-    with Image.open(path) as image:
+    path = storage.path(path)
+    with path.open("rb") as f, Image.open(f) as image:
         ids = np.asarray(image)
     if ids.ndim == 3:
         if not (ids[..., :3] == ids[..., :1]).all():
@@ -260,11 +260,11 @@ def _read_image(path, mode: str, flag: str) -> np.ndarray:
     """An image file as it is (no resize): uint8 [H, W, 3] (mode RGB) or [H, W] (L)."""
     from PIL import Image
 
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path} not found.")
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as f, Image.open(f) as image:
             return np.asarray(image.convert(mode))
     except OSError as e:
         raise UserError(f"{flag} {path} is not an image PIL can read: {e}") from None
@@ -355,7 +355,7 @@ def run(args) -> dict:
     user = _user_condition(args)  # unreadable files and flags that clash fail before any work
     tile, overlap = _tiling(args)
     distributed.initialize()
-    workdir = pathlib.Path(args.workdir).absolute()
+    workdir = storage.path(args.workdir)
     restored = open_run(workdir, args.step, "diffusion", _overrides(args))
     task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
     if task.from_condition and user is None:
@@ -408,7 +408,7 @@ def run(args) -> dict:
         "cond_image": args.cond_image, "mask": args.mask,
         "decode_tiles": [tile, overlap] if tiled else None,
     }  # fmt: skip
-    out = pathlib.Path(args.out) if args.out else workdir / "samples"
+    out = storage.path(args.out) if args.out else workdir / "samples"
     return _write(out, rows, labels, settings, shown)
 
 
@@ -418,7 +418,7 @@ def _layout_json(task, layout) -> list:
     return layouts.to_json(layout, task.cond.class_names)
 
 
-def _write(out: pathlib.Path, rows: list, labels, settings: dict, shown=None) -> dict:
+def _write(out: storage.Path, rows: list, labels, settings: dict, shown=None) -> dict:
     """samples.npz, samples.png (a row per condition, `shown` first in each when given:
     one picture for every row, or a list of one per row) and samples.json in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +431,7 @@ def _write(out: pathlib.Path, rows: list, labels, settings: dict, shown=None) ->
         per_row = shown if isinstance(shown, list) else [shown] * len(rows)
         arrays["condition"] = np.concatenate(per_row) if isinstance(shown, list) else shown
         grid_rows = [np.concatenate([pic, row]) for pic, row in zip(per_row, rows)]
-    np.savez(out / "samples.npz", **arrays)
+    storage.save_npz(out / "samples.npz", **arrays)
     upscale = max(1, 128 // images.shape[1])
     images_lib.save_png(out / "samples.png", images_lib.image_grid(grid_rows), upscale=upscale)
     (out / "samples.json").write_text(json.dumps(settings, indent=2, default=int) + "\n")

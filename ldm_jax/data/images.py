@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
 
 import numpy as np
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data import transforms
 from ldm_jax.errors import UserError
 
@@ -31,20 +31,24 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 def load_image(path, size: int) -> np.ndarray:
     """An image file -> [size, size, 3] float32 in [-1, 1]: the shorter side resized to
     `size`, then the centre cropped, as the data pipeline's eval images are."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise UserError(f"image {path} not found.")
     try:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        with path.open("rb") as f:
+            image = np.asarray(Image.open(f).convert("RGB"))
     except OSError as e:
         raise UserError(f"{path} is not an image PIL can read: {e}") from None
     image = transforms.resize_smaller_side(image, size)
     return transforms.to_float(transforms.center_crop(image, size))
 
 
-def save_png(path: pathlib.Path, image: np.ndarray, upscale: int = 1) -> None:
+def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
+    """uint8 [H, W, 3] written as a PNG at `path` (local or remote), `upscale` times
+    larger (nearest)."""
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    storage.save_png(path, img)

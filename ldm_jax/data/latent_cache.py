@@ -20,7 +20,6 @@ cached (center crop, no flip): random augmentation would be frozen into the cach
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 
 import jax
@@ -29,6 +28,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from tensorflow_datasets.core import read_only_builder
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline
 from ldm_jax.data.builders.base import ProjectBuilder
 from ldm_jax.data.datasets import Source, open_source, resolve_data_dir
@@ -65,11 +65,11 @@ class LatentCacheBuilder(ProjectBuilder, skip_registration=True):
         yield from self._examples
 
 
-def cache_dir(config, first_stage) -> pathlib.Path:
+def cache_dir(config, first_stage) -> storage.Path:
     """config.latent_cache.dir, or one directory per (autoencoder step, dataset, split,
     size) inside the autoencoder's workdir, so that runs on the same first stage share it."""
     if config.latent_cache.dir:
-        return pathlib.Path(config.latent_cache.dir).expanduser().absolute()
+        return storage.path(config.latent_cache.dir)
     d = config.data
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{d.name}-{d.train_split}-{d.image_size}")
     return first_stage.workdir / "latent_cache" / f"{name}-step{first_stage.step}"
@@ -180,12 +180,43 @@ def build(config, first_stage, encode_fn, mesh_run) -> Source:
                 f"has {k}={expected[k]!r}. It is left as it is: delete it to re-encode, or "
                 "set config.latent_cache.dir to another directory."
             )
-    builder_kw = dict(data_dir=str(root), file_format="array_record")
-    if not LatentCacheBuilder(**builder_kw).is_prepared():
+    # array_record shards open from local paths only: a remote cache is written and read
+    # through a local mirror of it (storage.local_mirror), the remote copy the shared one.
+    local = root
+    if storage.is_remote(root):  # one mirror per process: processes may share a host
+        local = storage.local_mirror(root) / f"process_{jax.process_index()}"
+    builder_kw = dict(data_dir=str(local), file_format="array_record")
+    if storage.is_remote(root):
+        _sync_mirror(config, first_stage, encode_fn, mesh_run, root, local, expected, builder_kw)
+    elif not LatentCacheBuilder(**builder_kw).is_prepared():
         _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw)
     builder = read_only_builder.builder_from_directory(LatentCacheBuilder(**builder_kw).data_dir)
     split = config.data.train_split
     return Source("latent_cache", split, str(root), builder, builder.as_data_source(split=split))
+
+
+def _sync_mirror(config, first_stage, encode_fn, mesh_run, root, local, expected, builder_kw):
+    """A remote cache: encoded into the local mirror and uploaded by process 0 if the
+    remote one is missing; then copied down by every process whose mirror lacks it (or
+    holds another provenance)."""
+    relative = str(LatentCacheBuilder(**builder_kw).data_dir)[len(str(local)) :].lstrip("/")
+    remote_ready = (root / relative / "dataset_info.json").exists()
+    if not remote_ready:
+        if local.exists():
+            local.rmtree()  # a mirror of an older cache
+        _write(config, first_stage, encode_fn, mesh_run, local, expected, builder_kw)
+        if jax.process_index() == 0:
+            storage.copy_tree(local, root)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ldm_jax:latent_cache_uploaded")
+    mirrored = local / PROVENANCE
+    if not mirrored.exists() or mirrored.read_text() != (root / PROVENANCE).read_text():
+        partial = local.parent / f"{local.name}.partial"  # a kill leaves no half mirror
+        for stale in (partial, local):
+            if stale.exists():
+                stale.rmtree()
+        storage.copy_tree(root, partial)
+        partial.rename(local)
 
 
 def _write(config, first_stage, encode_fn, mesh_run, root, expected, builder_kw):

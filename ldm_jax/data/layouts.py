@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 from typing import NamedTuple
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 
 TOKENS_PER_OBJECT = 3
@@ -186,7 +186,7 @@ def parse_text(text: str, n_classes: int, class_names=()) -> Layout:
 def read_json(path, n_classes: int, class_names=()) -> list[Layout]:
     """A JSON file of layouts: a list of layouts, each a list of
     {"label": id or name, "box": [x0, y0, x1, y1]} (one layout alone is accepted too)."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -126,9 +126,9 @@ def dataset_stats(
     provenance matches, and not when the features themselves are wanted (`keep`, see
     `stats_of_batches`). Returns (FeatureStats, provenance, path)."""
     import json
-    import pathlib
     import re
 
+    from ldm_jax import storage
     from ldm_jax.data import pipeline
     from ldm_jax.data.datasets import open_source, resolve_data_dir
     from ldm_jax.evaluation.frechet import FeatureStats
@@ -148,7 +148,7 @@ def dataset_stats(
         "weights_sha256": weights_fingerprint(weights),
     }
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data_cfg.name}-{split}-{data_cfg.image_size}-{n}")
-    path = pathlib.Path(cache_dir).expanduser() / f"{tag}-{resize}.npz"
+    path = storage.path(cache_dir) / f"{tag}-{resize}.npz"
     if path.is_file() and keep is None:
         stats, found = FeatureStats.load(path)
         if found == provenance:

@@ -11,9 +11,10 @@ and only then do they become a mean and an unbiased covariance, as numpy's `np.c
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
+
+from ldm_jax import storage
 
 
 class FeatureStats:
@@ -69,13 +70,13 @@ class FeatureStats:
         return mu, (cov + cov.T) / 2.0
 
     # ----- files ---------------------------------------------------------------------------
-    def save(self, path, provenance: dict | None = None) -> pathlib.Path:
+    def save(self, path, provenance: dict | None = None) -> storage.Path:
         """Writes mu, sigma (as pytorch-fid's .npz files hold them), the raw sums and the
         provenance (JSON) to `path` (.npz)."""
-        path = pathlib.Path(path)
+        path = storage.path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         mu, sigma = self.mean_cov()
-        np.savez(
+        storage.save_npz(
             path,
             mu=mu,
             sigma=sigma,
@@ -88,7 +89,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path) -> tuple[FeatureStats, dict]:
-        with np.load(path) as data:
+        with storage.path(path).open("rb") as f, np.load(f) as data:
             stats = cls(data["sum"].shape[0])
             stats.count = int(data["count"])
             stats.sum = data["sum"].astype(np.float64)

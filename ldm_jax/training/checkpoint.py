@@ -8,13 +8,16 @@ architecture is reported, never silently overwritten or restarted.
 
 from __future__ import annotations
 
+import functools
 import json
-import pathlib
+import os
 import shutil
+import threading
 
 import jax
 import orbax.checkpoint as ocp
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 
 
@@ -50,19 +53,19 @@ def metadata(config) -> dict:
     return {**architecture(config), "config": json.loads(config.to_json())}
 
 
-TRASH = "_deleted"  # retired steps, renamed here before they are removed
+TRASH = "_deleted"  # a local run's retired steps, renamed here before they are removed
 
 
 class Checkpointer:
     def __init__(
         self,
-        directory: str | pathlib.Path,
+        directory,
         *,
         keep: int,
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)  # a local path or a gs:// URL
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -70,14 +73,18 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             read_only=read_only,
             save_decision_policy=None,
-            # Old steps are first renamed into TRASH (atomic), then removed by us: a kill
-            # in the middle of deleting one leaves no half-deleted step among the listed
-            # ones (seen in the SIGKILL drill: a step with its state but no metadata).
+            # orbax retires old steps itself, in a background thread. Locally it first
+            # renames each into TRASH (atomic): a kill in the middle of deleting one then
+            # leaves no half-deleted step among the listed ones (seen in the SIGKILL
+            # drill: a step with its state but no metadata). On GCS it deletes them, and a
+            # step without its commit marker is not listed.
+            enable_background_delete=not read_only,
             todelete_subdir=None if read_only else TRASH,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self._emptying = None
         self._empty_trash()
 
     def read_metadata(self, step: int) -> dict:
@@ -88,8 +95,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def _empty_trash(self) -> None:
-        if not self.read_only and jax.process_index() == 0:
-            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
+        """Removes the local steps orbax retired into TRASH, in a thread (off the step)."""
+        if self.read_only or jax.process_index() != 0 or storage.is_remote(self.directory):
+            return
+        if self._emptying is not None and self._emptying.is_alive():
+            return
+        trash = self.directory / TRASH
+        if trash.exists():
+            # ignore_errors: orbax may rename another step in while this one runs
+            remove = functools.partial(shutil.rmtree, os.fspath(trash), ignore_errors=True)
+            self._emptying = threading.Thread(target=remove, daemon=True)
+            self._emptying.start()
 
     def save(self, step: int, state, data_state: dict, config, *, force: bool = False) -> bool:
         self._empty_trash()  # the steps an earlier save retired
@@ -143,8 +159,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
-        self.manager.close()
+        self.manager.close()  # waits for orbax's deletions
+        if self._emptying is not None:
+            self._emptying.join()
         self._empty_trash()
+        if self._emptying is not None:
+            self._emptying.join()
 
 
 def _diff(have, want, prefix="") -> list[str]:

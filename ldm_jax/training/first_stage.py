@@ -10,14 +10,13 @@ that was not trained here, e.g. an imported VAE).
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.training import checkpoint as ckpt_lib
@@ -38,13 +37,13 @@ def _params_in(state) -> dict:
     return state[outer][inner]
 
 
-def _checkpoint_dir(workdir: pathlib.Path) -> pathlib.Path:
+def _checkpoint_dir(workdir: storage.Path) -> storage.Path:
     return workdir / "checkpoints"
 
 
 class FirstStage:
     def __init__(self, fs_cfg):
-        self.workdir = pathlib.Path(fs_cfg.workdir).expanduser().absolute()
+        self.workdir = storage.path(fs_cfg.workdir)
         ckpt_dir = _checkpoint_dir(self.workdir)
         train_cmd = (
             "python -m ldm_jax.train --config configs/autoencoder/<experiment>.py "
@@ -93,7 +92,7 @@ class FirstStage:
         """Writes `params` as the autoencoder checkpoint `step` of `workdir` (`config`: its
         autoencoder config), with no discriminator or optimizer state: a first stage that
         `FirstStage` reads as it reads a trained one."""
-        directory = _checkpoint_dir(pathlib.Path(workdir).absolute())
+        directory = _checkpoint_dir(storage.path(workdir))
         ckpt = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
         ckpt.save(step, _params_item(params), {}, config)
         ckpt.close()

@@ -9,7 +9,6 @@ devices only through one `MeshRun` (parallel/mesh_run.py).
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 import jax
@@ -17,6 +16,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ldm_jax import storage
 from ldm_jax.data import datasets as datasets_lib
 from ldm_jax.data import images as images_lib
 from ldm_jax.data import pipeline
@@ -65,7 +65,7 @@ def _check_batches(config, mesh_run: MeshRun) -> None:
 class Trainer:
     def __init__(self, config, workdir):
         self.config = config
-        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir = storage.path(workdir)  # gs:// stays a URL
         if self.workdir.exists() and not self.workdir.is_dir():
             raise UserError(f"--workdir {self.workdir} is a file; give a directory for the run.")
         self.is_lead = jax.process_index() == 0
@@ -163,7 +163,7 @@ class Trainer:
             out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return results
 
-    def save_samples(self, state, step: int, writer) -> pathlib.Path | None:
+    def save_samples(self, state, step: int, writer) -> storage.Path | None:
         train_cfg = self.config.train
         local = next(
             iter(

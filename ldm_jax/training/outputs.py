@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
+
+from ldm_jax import storage
 
 
 class MetricWriter:
     """Scalars and images to TensorBoard plus a JSON-lines log; a no-op off process 0."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: storage.Path):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter  # no TensorFlow needed
 
-        self.tb = SummaryWriter(str(workdir / "tb"))
-        self.log = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.tb = SummaryWriter(str(workdir / "tb"))  # gs:// too (tensorboardX's writer)
+        self.log = storage.LineLog(workdir / "metrics.jsonl")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.active:
@@ -28,7 +29,6 @@ class MetricWriter:
         for k, v in clean.items():
             self.tb.add_scalar(k, v, step)
         self.log.write(json.dumps({"step": step, **clean}) + "\n")
-        self.log.flush()
 
     def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
         if self.active:

