@@ -69,6 +69,28 @@ def tasks(tiny_autoencoder_run):
     return {"ae": (ae, ae.frozen_params()), "ldm": (ldm, ldm.frozen_params())}
 
 
+@pytest.fixture(scope="module")
+def one_device(tasks):
+    """stage -> (batches, states, outs): STEPS steps on one device from the initial state,
+    made once per stage for the split tests and the accumulation test; states[k] is the
+    state before step k + 1, outs[k] that step's (state, metrics), all on the host."""
+    made = {}
+
+    def get(stage):
+        if stage not in made:
+            task, frozen = tasks[stage]
+            batches = _batches(stage, 8)
+            one = _stepper(task, _mesh((1, 1, 1)), frozen)
+            states, outs = [jax.device_get(_init(task, _mesh((1, 1, 1))))], []
+            for b in batches:
+                outs.append(one(states[-1], b))
+                states.append(outs[-1][0])
+            made[stage] = batches, states, outs
+        return made[stage]
+
+    return get
+
+
 def _compare(got, want, lr, where):
     """Loss to 1e-5; gradients (seen through the optimizer moments) to 1e-5 of each
     tensor's scale; weights to 1e-5 plus 2.5 x lr.
@@ -93,16 +115,11 @@ def _compare(got, want, lr, where):
 
 
 @pytest.mark.parametrize("stage", ["ae", "ldm"])
-def test_every_split_of_eight_devices_trains_like_one(tasks, stage):
+def test_every_split_of_eight_devices_trains_like_one(tasks, one_device, stage):
     """Three steps on each mesh, each from the one-device state of that step, equal the
     one-device steps."""
     task, frozen = tasks[stage]
-    batches = _batches(stage, 8)
-    one = _stepper(task, _mesh((1, 1, 1)), frozen)
-    states, outs = [jax.device_get(_init(task, _mesh((1, 1, 1))))], []
-    for b in batches:
-        outs.append(one(states[-1], b))
-        states.append(outs[-1][0])
+    batches, states, outs = one_device(stage)
     lr = task.learning_rate
     for shape in SPLITS:
         split = _stepper(task, _mesh(shape), frozen)
@@ -143,18 +160,17 @@ def test_fsdp_splits_a_paper_unet_eightfold(name):
     assert per_device <= 1.15 * total / 8, (per_device, total)
 
 
-def test_gradient_accumulation_equals_the_large_batch(tasks, tiny_autoencoder_run):
+def test_gradient_accumulation_equals_the_large_batch(tasks, one_device):
     """grad_accum_steps=4 (microbatches of 2, on a (2, 4, 1) mesh) gives the batch-of-8
-    step: loss and gradients to 1e-5."""
+    step (the first one-device step of the split test): loss and gradients to 1e-5."""
     from ldm_jax.training.diffusion import DiffusionTask
 
     task, frozen = tasks["ldm"]
     c = task.config.copy_and_resolve_references()
     c.train.grad_accum_steps = 4
     accum = DiffusionTask(c, first_stage=task.first_stage)
-    batch = _batches("ldm", 8)[0]
-    state = jax.device_get(_init(task, _mesh((1, 1, 1))))
-    want = _stepper(task, _mesh((1, 1, 1)), frozen)(state, batch)
+    batches, states, outs = one_device("ldm")
+    batch, state, want = batches[0], states[0], outs[0]
     got = _stepper(accum, _mesh((2, 4, 1)), frozen)(state, batch)
     _compare(got, want, task.learning_rate, "accumulated: ")
     np.testing.assert_allclose(got[1]["grad_norm"], want[1]["grad_norm"], rtol=1e-5)
