@@ -79,9 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
             num_image_rows=8,
             on_nonfinite="stop",  # 'stop': raise naming the step; 'skip': drop the update
             progress_bar=True,
-            # SIGTERM -> all processes save at one step and exit 0; multi-process runs agree
-            # on it by an all-gather every this many steps.
-            preemption_check_every=1,
+            # SIGTERM -> all processes save at one step and exit 0. Multi-process runs agree
+            # on the step through JAX's preemption service (asked every step, a local
+            # lookup); where it is off, by an all-gather every this many steps.
+            preemption_check_every=10,
+            # Telemetry (training/telemetry.py): MFU divides by this peak FLOP/s per device
+            # (0: the table's, by device kind); profile_steps=(first, last) writes a
+            # jax.profiler trace of those steps to <workdir>/profile.
+            peak_flops_per_device=0.0,
+            profile_steps=(),
             # Diffusion stage: the batch's gradient as the mean over this many microbatches.
             grad_accum_steps=1,
         )

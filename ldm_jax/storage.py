@@ -110,5 +110,6 @@ def local_mirror(remote) -> epath.Path:
     (array_record shards): $LDM_JAX_MIRROR_DIR (default ~/.cache/ldm_jax/mirror), then the
     URL's host and path (gs://bucket/a/b -> <mirror>/gs/bucket/a/b)."""
     base = os.environ.get("LDM_JAX_MIRROR_DIR") or os.path.join("~", ".cache", "ldm_jax", "mirror")
+    base = os.path.expanduser(base)  # epath leaves "~" as a folder name
     scheme, rest = str(remote).split("://", 1)
     return path(os.path.join(base, scheme, rest.strip("/")))

@@ -83,7 +83,10 @@ def tiny_autoencoder_run(tmp_path_factory, data_dir):
         "--config.train.progress_bar=False",
     ]
     first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
-    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4")
+    # The resumed run also traces steps 3-4 and reports MFU against a stated peak
+    # (test_telemetry reads both).
+    telemetry = ["--config.train.profile_steps=(3, 4)", "--config.train.peak_flops_per_device=1e11"]
+    second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4", *telemetry)
     return workdir, first, second
 
 

@@ -27,7 +27,7 @@ from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import outputs, preemption
+from ldm_jax.training import outputs, preemption, telemetry
 from ldm_jax.training.task import make_task
 
 
@@ -207,6 +207,14 @@ class Trainer:
         ckpt.close()
         return result
 
+    def _periodic_work_due(self, done: int) -> bool:
+        """Whether step `done` writes images, evaluates or saves a checkpoint."""
+        train_cfg, eval_cfg = self.config.train, self.config.get("evaluation")
+        every = [train_cfg.image_every, train_cfg.eval_every, train_cfg.checkpoint_every]
+        if eval_cfg is not None and eval_cfg.every and eval_cfg.metrics:
+            every.append(eval_cfg.every)
+        return any(done % n == 0 for n in every if n)
+
     def _train(self, state, start, step_fn, train_iter, ckpt, writer) -> dict:
         config, train_cfg = self.config, self.config.train
         num_steps = train_cfg.num_steps
@@ -217,29 +225,40 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.is_lead and train_cfg.progress_bar),
         )
-        t0, timed_steps, last_metrics, image_path = time.time(), 0, {}, None
-        t_first, done, preempted = None, start, False
+        t0, last_metrics, image_path, throughput = time.time(), {}, None, {}
+        done, preempted = start, False
         watch = preemption.PreemptionWatch(train_cfg.preemption_check_every)
+        clock = telemetry.StepTelemetry(
+            config.batch_size, train_cfg.get("peak_flops_per_device", 0.0)
+        )
+        profiler = telemetry.Profiler(self.workdir, train_cfg.get("profile_steps", ()))
         for step in range(start, num_steps):
+            clock.input_started()
             batch = self._device_batch(next(train_iter))
+            clock.input_done()
+            profiler.before_step(step + 1)
             state, metrics = step_fn(state, batch, self.step_rng, self.frozen)
             done = step + 1
-            if t_first is None:  # exclude compilation from the throughput figure
+            profiler.after_step(done, state)
+            if step == start:  # exclude compilation from the throughput figures
                 jax.block_until_ready(metrics)
-                t_first, timed_steps = time.time(), 0
+                clock.measure_flops(step_fn, state, batch, self.step_rng, self.frozen)
+                clock.started()
             else:
-                timed_steps += 1
+                clock.step_done()
             is_last = done == num_steps
             if done % train_cfg.log_every == 0 or is_last:
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 skipped = self._check_finite(state, ckpt)
-                elapsed = time.time() - t_first
-                rate = timed_steps * config.batch_size / elapsed if timed_steps else 0.0
-                last_metrics |= {"skipped_steps": skipped, "images_per_sec": rate}
-                writer.scalars(done, last_metrics)
+                throughput = clock.interval() or throughput
+                last_metrics |= {"skipped_steps": skipped}
+                writer.scalars(done, last_metrics | {f"perf/{k}": v for k, v in throughput.items()})
                 # Steps are dispatched asynchronously; the bar moves only when they are done.
                 bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", img_s=f"{rate:.1f}")
+                bar.set_postfix(_postfix(last_metrics["loss"], throughput))
+            periodic = self._periodic_work_due(done) and not is_last
+            if periodic:  # images, evaluation, checkpoints: not step time
+                clock.pause(state)
             if done % train_cfg.image_every == 0 or is_last:
                 image_path = self.save_samples(state, done, writer) or image_path
             eval_metrics = None
@@ -256,12 +275,17 @@ class Trainer:
             if saving or preempted:
                 self._check_finite(state, ckpt)
                 ckpt.save(done, state, train_iter.get_state(), config, force=True)
+            if periodic:
+                clock.resume()
             if preempted:
                 if self.is_lead:
                     bar.write(f"preemption requested (SIGTERM): saved step {done}, stopping")
                 break
         watch.close()
+        profiler.stop(state)
         bar.close()
+        if self.is_lead and throughput:
+            print("throughput: " + _fmt_throughput(throughput), flush=True)
         ckpt.wait()
         result = {
             "stage": self.task.stage,
@@ -269,6 +293,7 @@ class Trainer:
             "preempted": preempted,
             "eval": eval_metrics if start < num_steps else self.evaluate(state),
             "train": last_metrics,
+            "throughput": throughput,
             "wall_seconds": time.time() - t0,
             "workdir": str(self.workdir),
             "checkpoint": str(ckpt.directory / str(ckpt.latest_step())),
@@ -281,6 +306,30 @@ class Trainer:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def _postfix(loss: float, throughput: dict) -> dict:
+    """The progress bar's figures: loss, images/s, and MFU and input share where known."""
+    out = {"loss": f"{loss:.4g}", "img_s": f"{throughput.get('images_per_sec', 0.0):.1f}"}
+    if "mfu" in throughput:
+        out["mfu"] = f"{100 * throughput['mfu']:.1f}%"
+    if "input_share" in throughput:
+        out["input"] = f"{100 * throughput['input_share']:.0f}%"
+    return out
+
+
+def _fmt_throughput(t: dict) -> str:
+    """One console line of the last interval's throughput figures."""
+    parts = [
+        f"{t['images_per_sec']:.1f} images/s ({t['images_per_sec_per_device']:.2f} per device)",
+        f"step {t['step_ms']:.1f} ms",
+        f"input {t['input_ms']:.1f} ms ({100 * t['input_share']:.0f}% of the step)",
+    ]
+    if "mfu" in t:
+        parts.append(f"MFU {100 * t['mfu']:.1f}%")
+    if "memory_gb" in t:
+        parts.append(f"memory {t['memory_gb']:.2f} GB (peak {t.get('peak_memory_gb', 0):.2f})")
+    return ", ".join(parts)
 
 
 def run(config, workdir) -> dict:
