@@ -136,13 +136,30 @@ def _naive(q, k, v, mask, chunk_bytes=None):
     return out.transpose(0, 2, 1, 3).astype(dtype)  # [B, Lq, H, D]
 
 
-def _cudnn_supported(q: jax.Array) -> bool:
-    """Static check of cuDNN flash attention's limits (jax raises past them)."""
+def _cudnn_supported(q: jax.Array, k: jax.Array | None = None) -> bool:
+    """Static check of cuDNN flash attention's limits, those of jax's check_layout and
+    check_is_flash_attention (jax/_src/cudnn/fused_attention_stablehlo.py): bf16/fp16, a
+    head dim that is a multiple of 8 and at most 128 (256 from compute capability 9.0),
+    and even query and key lengths (k None: self-attention).
+
+    The lengths: once differentiated, jax treats every call as having a bias (jax 0.10.2
+    passes its zero-size placeholder as one) and refuses odd lengths, in the VJP's forward
+    rule. That rule runs outside attention()'s try whenever the call is traced first and
+    differentiated afterwards (nn.remat / jax.checkpoint, grad of a jit) and then raises
+    out of the training step, so 77-token cross-attention (CLIP context) and CLIP's own
+    self-attention are refused for inference too: XLA computes them.
+    """
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    cap = getattr(jax.devices()[0], "compute_capability", "0.0")
-    max_d = 256 if float(cap) >= 9.0 else 128
-    return q.shape[-1] % 8 == 0 and q.shape[-1] <= max_d
+    cap = str(getattr(jax.devices()[0], "compute_capability", "0.0"))
+    try:
+        major_minor = tuple(int(p) for p in cap.split("."))
+    except ValueError:  # not an NVIDIA "major.minor" (ROCm's "gfx90a"): no cuDNN
+        return False
+    d = q.shape[-1]
+    if d % 8 or d > (256 if major_minor >= (9, 0) else 128):
+        return False
+    return q.shape[1] % 2 == 0 and (q if k is None else k).shape[1] % 2 == 0
 
 
 def _resolve(impl: str, q: jax.Array, k: jax.Array | None = None, mask=None) -> str:
@@ -152,7 +169,7 @@ def _resolve(impl: str, q: jax.Array, k: jax.Array | None = None, mask=None) -> 
         return impl
     platform = jax.default_backend()
     if platform == "gpu":
-        return "cudnn" if _cudnn_supported(q) else "xla"
+        return "cudnn" if _cudnn_supported(q, k) else "xla"
     if platform == "tpu":
         return "splash" if splash.supported(q, q if k is None else k, mask) else "xla"
     if platform == "cpu":
@@ -194,7 +211,7 @@ def attention(
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, Lq|1, Lk]
     if impl in ("naive", "chunked"):
         return _naive(q, k, v, mask, CHUNK_BYTES if impl == "chunked" else None)
-    if impl == "cudnn":
+    if impl == "cudnn" and _cudnn_supported(q, k):
         full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
         m = None if mask is None else jnp.broadcast_to(mask, full)  # cuDNN wants [B, H, Lq, Lk]
         try:
