@@ -9,7 +9,9 @@ Layouts: ldm_jax (.safetensors, names are param paths: unet/..., vae/..., text_e
 with the run's config beside it as .json), msgpack (the same tree), compvis (one
 .safetensors in the Stable Diffusion single-file naming, plus its inference .yaml), and
 diffusers (a pipeline folder). Each imports back to identical arrays (ldm_jax.import_sd,
-ldm_jax.interop.tensor_files.load_params). Nothing existing is overwritten.
+ldm_jax.interop.tensor_files.load_params). Nothing existing is overwritten. --workdir and
+--out may be buckets (gs://...; any etils.epath URL): the files are written locally in the
+mirror's folder ($LDM_JAX_MIRROR_DIR), then uploaded.
 """
 
 from __future__ import annotations

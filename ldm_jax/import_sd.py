@@ -10,7 +10,8 @@
 then `python -m ldm_jax.sample --workdir runs/sd15 --prompts "..."`. The run holds the
 UNet at step 0 (EMA = weights), the VAE as its first stage and the CLIP text encoder: the
 release is read by ldm_jax.interop.stable_diffusion and written as a run by
-ldm_jax.training.sd_runs. Nothing existing is overwritten.
+ldm_jax.training.sd_runs. Nothing existing is overwritten. Every path may be a bucket
+(gs://bucket/sd/v1-5.safetensors, --workdir gs://bucket/runs/sd15; any etils.epath URL).
 """
 
 from __future__ import annotations

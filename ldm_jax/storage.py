@@ -9,15 +9,20 @@ log (metrics.jsonl) by rewriting it whole on a remote store, and `write_atomic` 
 a local file under a temporary name first but a remote object directly (an object
 appears whole or not at all). Files that only a local reader can open (array_record
 shards: their reader takes local paths) are read from a `local_mirror` of the remote
-folder, filled by `copy_tree`.
+folder, filled by `copy_tree`. Single files for such readers and writers (safetensors'
+`safe_open` and `save_file`, torch.load's zip reader, transformers' `save_pretrained`) go
+through `local_copy` (a remote file copied into the mirror's folder for the duration of a
+read) and `staged` (written locally, then renamed into place or uploaded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -92,6 +97,12 @@ def save_npz(target, **arrays) -> None:
     write_atomic(target, buffer.getvalue())
 
 
+def copy_file(src, dst) -> None:
+    """One file copied from `src` to `dst` (either may be remote), streamed in chunks."""
+    with path(src).open("rb") as fin, path(dst).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, length=16 << 20)
+
+
 def copy_tree(src, dst) -> None:
     """Every file under `src` copied to the same place under `dst` (either may be remote),
     streamed in chunks."""
@@ -100,9 +111,8 @@ def copy_tree(src, dst) -> None:
     for item in src.iterdir():
         if item.is_dir():
             copy_tree(item, dst / item.name)
-            continue
-        with item.open("rb") as fin, (dst / item.name).open("wb") as fout:
-            shutil.copyfileobj(fin, fout, length=16 << 20)
+        else:
+            copy_file(item, dst / item.name)
 
 
 def local_mirror(remote) -> epath.Path:
@@ -113,3 +123,60 @@ def local_mirror(remote) -> epath.Path:
     base = os.path.expanduser(base)  # epath leaves "~" as a folder name
     scheme, rest = str(remote).split("://", 1)
     return path(os.path.join(base, scheme, rest.strip("/")))
+
+
+def _scratch(remote) -> epath.Path:
+    """A new local path in the mirror's folder of `remote`, beside where its mirror would
+    be, with `remote`'s name (and so its suffix) after a unique prefix."""
+    mirror = local_mirror(remote)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    return mirror.parent / f".{uuid.uuid4().hex[:8]}.{mirror.name}"
+
+
+def _remove(local: epath.Path) -> None:
+    if local.is_dir():
+        shutil.rmtree(os.fspath(local), ignore_errors=True)
+    else:
+        local.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def local_copy(source) -> Iterator[epath.Path]:
+    """A local file with the bytes of the file `source`, for readers that take local paths
+    only: `source` itself where it is local; a remote file is streamed into the mirror's
+    folder (`local_mirror`) and the copy removed when the block ends."""
+    source = path(source)
+    if not is_remote(source):
+        yield source
+        return
+    local = _scratch(source)
+    try:
+        copy_file(source, local)
+        yield local
+    finally:
+        _remove(local)
+
+
+@contextlib.contextmanager
+def staged(target) -> Iterator[epath.Path]:
+    """A local path (not yet existing) to write `target` at, a file or a folder of files,
+    for writers that take local paths only. When the block ends without an error it is
+    published: renamed into place where `target` is local (so `target` appears whole),
+    uploaded where it is remote (from the mirror's folder, then removed). After an error
+    nothing is published and the local files are removed."""
+    target = path(target)
+    if is_remote(target):
+        local = _scratch(target)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        local = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        yield local
+        if not is_remote(target):
+            os.replace(os.fspath(local), os.fspath(target))
+        elif local.is_dir():
+            copy_tree(local, target)
+        else:
+            copy_file(local, target)
+    finally:
+        _remove(local)

@@ -2,8 +2,11 @@
 fake-gcs-server binary from the package index, in memory, on localhost; no network).
 The tiny autoencoder trains into the bucket, is SIGKILLed and resumes there; a 2-process
 diffusion run trains on it (its latent cache in the bucket), and the sample and evaluate
-commands read and write the bucket. Nothing lands on local disk but the latent cache's
-mirror (array_record shards are read from local files), in its own folder."""
+commands read and write the bucket; a tiny SD-1 file in the bucket is imported into a run
+there and exported there (CompVis and diffusers) and read back. Nothing lands on local
+disk but the mirror's folder: the latent cache's mirror (array_record shards are read
+from local files) and, while a command runs, the local copies of weight files that
+safetensors and torch read and write."""
 
 import importlib.resources
 import json
@@ -14,8 +17,10 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
-from toy import AE_CONFIG, LDM_CONFIG, ROOT, run_launched, run_module
+from helpers import assert_trees_identical
+from toy import AE_CONFIG, LDM_CONFIG, ROOT, run_launched, run_module, write_tiny_sd1
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses
 
@@ -164,3 +169,68 @@ def test_a_run_trains_resumes_samples_and_evaluates_in_the_bucket(gcs, data_dir,
     report = json.loads(fs.cat(f"{BUCKET}/ae/eval/psnr_step8.json"))
     assert report["workdir"] == ae and report["results"]["psnr"] > 0
     _nothing_local(tmp_path)
+
+
+def _files_under(folder) -> set:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_sd_weights_import_and_export_through_the_bucket(
+    gcs, tmp_path_factory, tmp_path, monkeypatch, capsys
+):
+    """A tiny SD-1 single file in the bucket is imported into a run in the bucket, exported
+    there as a CompVis file and a diffusers folder, and both read back from the bucket (the
+    diffusers folder imported again as a run) to the file's arrays, bit for bit. In this
+    process: the commands' entry points, with the fixture's variables."""
+    from ldm_jax import export, import_sd, storage
+    from ldm_jax.config_loader import load_config
+    from ldm_jax.interop import stable_diffusion as sd
+    from ldm_jax.training.restore import load_run
+
+    fs, url = gcs["fs"], f"{gcs['url']}/sd"
+    source = tmp_path_factory.mktemp("sd_source")
+    checkpoint, yaml_path, params = write_tiny_sd1(source)
+    for local in (checkpoint, yaml_path):
+        fs.put(str(local), f"{BUCKET}/sd/{local.name}")
+    mirror = gcs["mirror"]
+    mirror.mkdir(parents=True, exist_ok=True)
+    mirrored = _files_under(mirror)  # the other test's latent cache mirror, if it ran
+    monkeypatch.chdir(tmp_path)  # a path turned local by mistake would land here
+
+    run = f"{url}/run"
+    import_sd.main([f"--checkpoint={url}/{checkpoint.name}", f"--workdir={run}",
+                    f"--original_config={url}/{yaml_path.name}", "--image_size=32"])  # fmt: skip
+    assert f"into {run}\n" in capsys.readouterr().out
+    diffusers, compvis = f"{url}/export/diffusers", f"{url}/export/sd1.safetensors"
+    export.main([f"--workdir={run}", "--layout=diffusers", f"--out={diffusers}"])
+    export.main([f"--workdir={run}", "--layout=compvis", f"--out={compvis}"])
+    assert f"to {compvis}\n" in capsys.readouterr().out
+    fs.invalidate_cache()
+    assert fs.exists(f"{BUCKET}/sd/export/sd1.yaml")
+    exported = {
+        p.split("/export/diffusers/", 1)[1] for p in fs.find(f"{BUCKET}/sd/export/diffusers")
+    }
+    assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+            "text_encoder/model.safetensors", "scheduler/scheduler_config.json",
+            "tokenizer/tokenizer_config.json"} <= exported  # fmt: skip
+
+    with pytest.raises(SystemExit) as refused:  # nothing existing is overwritten
+        export.main([f"--workdir={run}", "--layout=compvis", f"--out={compvis}"])
+    assert refused.value.code == 2 and "exists" in capsys.readouterr().err
+
+    model = sd.from_single_file(compvis, original_config=storage.path(compvis).with_suffix(".yaml"))
+    for part, got in (("unet", model.unet_params), ("vae", model.vae_params),
+                      ("clip", model.clip_params)):  # fmt: skip
+        assert_trees_identical(got, params[part])
+    again = f"{url}/again"
+    import_sd.main([f"--diffusers={diffusers}", f"--workdir={again}"])
+    config, task, state, _ = load_run(again, stage="diffusion")
+    assert config.cond.weights == f"{again}/text_encoder.safetensors"
+    assert config.first_stage.workdir == f"{again}/first_stage"
+    assert_trees_identical(jax.device_get(state.ema_params), params["unet"])
+    assert_trees_identical(jax.device_get(task.first_stage.load_params()), params["vae"])
+    assert_trees_identical(task.cond.frozen_params()["text_encoder"], params["clip"])
+    assert load_config(f"configs/from_run.py:{again}", lock=False).cond.kind == "clip"
+
+    _nothing_local(tmp_path)
+    assert _files_under(mirror) == mirrored  # the local copies were removed

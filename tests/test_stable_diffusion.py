@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from helpers import assert_trees_identical, perturb
+from helpers import assert_trees_identical, jit_init, noisy_params
+from toy import SD_CLIP, SD_DDCONFIG, SD_UNET, write_tiny_sd1
 
 from ldm_jax.errors import UserError
 from ldm_jax.interop import clip_weights, tensor_files, unet_weights, vae_weights
@@ -19,65 +20,15 @@ from ldm_jax.interop import stable_diffusion as sd
 from ldm_jax.models import autoencoder, clip, unet_configs
 from ldm_jax.training import sd_runs
 
-# Tiny but SD-1-shaped: GroupNorm(32) everywhere as in CompVis, 64-wide CLIP heads, the
-# real CLIP vocabulary (the tokenizer's ids), 32 px images -> 16x16x4 latents.
-UNET = dict(
-    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-    num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
-    transformer_depth=1, context_dim=64, legacy=False,
-)  # fmt: skip
-DDCONFIG = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
-    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
-)  # fmt: skip
-CLIP = dict(width=64, num_layers=2, num_heads=1, mlp_dim=128, vocab_size=49408,
-            context_length=77, activation="quick_gelu", output="last")  # fmt: skip
-
-
-def _init(model, rngs, *inputs, **kwargs):
-    """`model.init(rngs, *inputs, **kwargs)["params"]` in one jitted call (flax's eager
-    init dispatches op by op: 15 s for the UNet here, 2.5 s jitted from the cache)."""
-    return jax.jit(lambda r, x: model.init(r, *x, **kwargs)["params"])(rngs, inputs)
-
-
-def _noisy(params, seed):
-    """Random params with no exact zeros (zero-initialised outputs would hide mistakes):
-    0.05 x N(0, 1) added to every leaf, drawn by numpy (helpers.perturb; eager
-    jax.random would compile a program per leaf shape, 12 s for the UNet)."""
-    from flax import linen as nn
-
-    return perturb(nn.unbox(params), scale=0.05, seed=seed)
+# The tiny SD-1-shaped release of tests/toy.py (its UNet, VAE and CLIP settings).
+UNET, DDCONFIG, CLIP = SD_UNET, SD_DDCONFIG, SD_CLIP
+_init, _noisy = jit_init, noisy_params
 
 
 @pytest.fixture(scope="module")
 def sd_file(tmp_path_factory):
     """(checkpoint path, YAML path, {unet, vae, clip} params written into it)."""
-    tmp = tmp_path_factory.mktemp("sd1")
-    unet_model = unet_configs.from_config(UNET)
-    vae_model = autoencoder.from_config(sd.kl_f8_vae() | {**DDCONFIG, "embed_dim": 4})
-    encoder = clip.CLIPTextEncoder(**CLIP)
-    r = jax.random.PRNGKey(0)
-    x, t = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32)
-    params = {
-        "unet": _noisy(_init(unet_model, r, x, t, context=jnp.zeros((1, 77, 64))), 1),
-        "vae": _noisy(_init(vae_model, {"params": r, "sample": r}, jnp.zeros((1, 32, 32, 3))), 2),
-        "clip": _noisy(_init(encoder, r, jnp.zeros((1, 77), jnp.int32)), 3),
-    }  # fmt: skip
-    tensors = unet_weights.unet_to_compvis(params["unet"], unet_model, prefix=sd.UNET_PREFIX)
-    tensors |= vae_weights.vae_to_compvis(params["vae"], vae_model, prefix=sd.VAE_PREFIX)
-    tensors |= clip_weights.export_hf_clip(params["clip"], prefix=sd.SD1_CLIP_PREFIX)
-    tensors["model_ema.decay"] = np.float32(0.9999)  # unrelated keys are ignored
-    path = tmp / "tiny-sd1.safetensors"
-    tensor_files.save_safetensors(path, tensors)
-    config = {"model": {"params": {
-        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 16,
-        "channels": 4, "scale_factor": 0.18215,
-        "unet_config": {"params": UNET},
-        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": DDCONFIG}},
-    }}}  # fmt: skip
-    yaml_path = tmp / "tiny-sd1.yaml"
-    yaml_path.write_text(yaml.safe_dump(config))
-    return path, yaml_path, params
+    return write_tiny_sd1(tmp_path_factory.mktemp("sd1"))
 
 
 # The tests on this imported run, and the SD-2 file test, are marked slow: each imports a

@@ -1,4 +1,5 @@
-"""Toy-size experiment configs shared by tests (full-size inits cost 13-45 s on CPU)."""
+"""Toy-size experiment configs and weight files shared by tests (full-size inits cost
+13-45 s on CPU)."""
 
 import os
 import pathlib
@@ -110,3 +111,60 @@ def run_launched(num_processes, devices_per_process, module, *args, check=True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# A tiny but SD-1-shaped release: GroupNorm(32) everywhere as in CompVis, 64-wide CLIP
+# heads, the real CLIP vocabulary (the tokenizer's ids), 32 px images -> 16x16x4 latents.
+SD_UNET = dict(
+    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
+    num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
+    transformer_depth=1, context_dim=64, legacy=False,
+)  # fmt: skip
+SD_DDCONFIG = dict(
+    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
+    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+)  # fmt: skip
+SD_CLIP = dict(width=64, num_layers=2, num_heads=1, mlp_dim=128, vocab_size=49408,
+               context_length=77, activation="quick_gelu", output="last")  # fmt: skip
+
+
+def write_tiny_sd1(directory: pathlib.Path):
+    """A random SD-1-layout single file `tiny-sd1.safetensors` and its CompVis inference
+    YAML `tiny-sd1.yaml` in `directory`: (checkpoint path, YAML path, {unet, vae, clip}
+    params written into it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import yaml
+    from helpers import jit_init, noisy_params
+
+    from ldm_jax.interop import clip_weights, tensor_files, unet_weights, vae_weights
+    from ldm_jax.interop import stable_diffusion as sd
+    from ldm_jax.models import autoencoder, clip, unet_configs
+
+    unet_model = unet_configs.from_config(SD_UNET)
+    vae_model = autoencoder.from_config(sd.kl_f8_vae() | {**SD_DDCONFIG, "embed_dim": 4})
+    encoder = clip.CLIPTextEncoder(**SD_CLIP)
+    r = jax.random.PRNGKey(0)
+    x, t = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32)
+    vae_rngs = {"params": r, "sample": r}
+    params = {
+        "unet": noisy_params(jit_init(unet_model, r, x, t, context=jnp.zeros((1, 77, 64))), 1),
+        "vae": noisy_params(jit_init(vae_model, vae_rngs, jnp.zeros((1, 32, 32, 3))), 2),
+        "clip": noisy_params(jit_init(encoder, r, jnp.zeros((1, 77), jnp.int32)), 3),
+    }
+    tensors = unet_weights.unet_to_compvis(params["unet"], unet_model, prefix=sd.UNET_PREFIX)
+    tensors |= vae_weights.vae_to_compvis(params["vae"], vae_model, prefix=sd.VAE_PREFIX)
+    tensors |= clip_weights.export_hf_clip(params["clip"], prefix=sd.SD1_CLIP_PREFIX)
+    tensors["model_ema.decay"] = np.float32(0.9999)  # unrelated keys are ignored
+    path = directory / "tiny-sd1.safetensors"
+    tensor_files.save_safetensors(path, tensors)
+    config = {"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 16,
+        "channels": 4, "scale_factor": 0.18215,
+        "unet_config": {"params": SD_UNET},
+        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": SD_DDCONFIG}},
+    }}}  # fmt: skip
+    yaml_path = directory / "tiny-sd1.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    return path, yaml_path, params

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
+
 INCEPTION_SIZE = 299
 RESIZE_MODES = ("tf1_bilinear", "torch_bilinear")
 
@@ -96,7 +98,7 @@ def weights_fingerprint(path: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -9,8 +9,11 @@ are found (or downloaded to) is `ldm_jax.models.inception.resolve_weights`.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 from ldm_jax.models import inception
 from ldm_jax.models.inception import LOGITS
@@ -142,12 +145,15 @@ def load_fid_params(path: str | None = None, **resolve) -> dict:
     import torch
 
     path = inception.resolve_weights(path, **resolve)
-    try:
-        module = torch.jit.load(path, map_location="cpu")
-    except RuntimeError:  # not TorchScript: a pickled state dict
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not storage.path(path).is_file():
+        raise UserError(f"Inception weights file {path} does not exist; pass an existing file")
+    with storage.local_copy(path) as local:  # a gs:// file is read from a local copy
         try:
-            return params_from_pytorch_fid_state({k: v.numpy() for k, v in state.items()})
-        except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
+            module = torch.jit.load(os.fspath(local), map_location="cpu")
+        except RuntimeError:  # not TorchScript: a pickled state dict
+            state = torch.load(os.fspath(local), map_location="cpu", weights_only=True)
+            try:
+                return params_from_pytorch_fid_state({k: v.numpy() for k, v in state.items()})
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
     return params_from_torchscript_state({k: v.numpy() for k, v in module.state_dict().items()})

@@ -7,18 +7,19 @@ ldm_jax diffusion run (`ldm_jax.export` writes runs back in these layouts). The 
 comes from the original YAML config when given (`original_config`), else from the
 release's preset, checked tensor by tensor; the CLIP tower's shape is read from its
 tensors (64-wide heads, as every CLIP text tower). `compvis_yaml` writes the inference
-YAML that `original_config` reads back.
+YAML that `original_config` reads back. Every path may be local or a URL (gs://...,
+through `ldm_jax.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 from ldm_jax.interop import tensor_files
 
@@ -99,7 +100,7 @@ def _from_yaml(path) -> dict:
     import yaml
 
     try:
-        root = yaml.safe_load(pathlib.Path(path).read_text())["model"]["params"]
+        root = yaml.safe_load(storage.path(path).read_text())["model"]["params"]
         unet_p = dict(root["unet_config"]["params"])
         dd = dict(root["first_stage_config"]["params"]["ddconfig"])
         embed_dim = int(root["first_stage_config"]["params"]["embed_dim"])
@@ -203,13 +204,13 @@ def from_single_file(
     )  # fmt: skip
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: storage.Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is missing: not a diffusers Stable Diffusion folder")
     return json.loads(path.read_text())
 
 
-def _weights_in(folder: pathlib.Path) -> pathlib.Path:
+def _weights_in(folder: storage.Path) -> storage.Path:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
                  "diffusion_pytorch_model.bin", "pytorch_model.bin"):  # fmt: skip
         if (folder / name).is_file():
@@ -221,7 +222,7 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
     """A diffusers Stable Diffusion folder -> ImportedModel."""
     from ldm_jax.interop import clip_weights, diffusers_config, unet_weights, vae_weights
 
-    root = pathlib.Path(path)
+    root = storage.path(path)
     unet_cfg = diffusers_config.unet_config_from_diffusers(_read_json(root / "unet/config.json"))
     vae_json = _read_json(root / "vae/config.json")
     vae_cfg = kl_f8_vae() | diffusers_config.vae_config_from_diffusers(vae_json)
@@ -252,13 +253,14 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
     )  # fmt: skip
 
 
-def tokenizer_padding(folder: pathlib.Path) -> str:
+def tokenizer_padding(folder) -> str:
     """'sd1' or 'sd2': the CLIP padding of a diffusers `tokenizer/` folder. The pad token
     sits in `tokenizer_config.json` (what current transformers writes) and, in older
     folders, in `special_tokens_map.json`, which overrides it as transformers' loader
     does; neither file (or no pad token) means CLIP's default, <|endoftext|>."""
     from ldm_jax.models import clip_tokenizer
 
+    folder = storage.path(folder)
     token = None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name

@@ -4,26 +4,32 @@
 Pickled checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) need torch, imported only when such a
 file is read (`pip install torch`, part of the `test` extra), and are unpickled with
 `weights_only=True` so that a file cannot run code.
+
+Every path may be local or a URL (gs://..., any `etils.epath` path, via `ldm_jax.storage`):
+the readers and writers that take local files only (safetensors' `safe_open` and
+`save_file`, torch.load) see a local copy of a remote file, or write one that is then
+uploaded (`storage.local_copy`, `storage.staged`); a local file is written under a
+temporary name and renamed, so that it appears whole.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import pickle
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.errors import UserError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _existing(path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
+def _existing(path: str | os.PathLike) -> storage.Path:
+    path = storage.path(path)
     if not path.is_file():
         raise UserError(f"weight file {path} does not exist")
     return path
@@ -39,7 +45,7 @@ def load_safetensors(path: str | os.PathLike, prefix: str = "") -> dict[str, np.
 
     path = _existing(path)
     try:
-        with safe_open(os.fspath(path), framework="np") as f:
+        with storage.local_copy(path) as local, safe_open(os.fspath(local), framework="np") as f:
             return {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file: {e}") from e
@@ -52,7 +58,8 @@ def save_safetensors(
     from safetensors.numpy import save_file
 
     arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    save_file(arrays, os.fspath(path), metadata=metadata)
+    with storage.staged(path) as local:
+        save_file(arrays, os.fspath(local), metadata=metadata)
 
 
 def _torch_to_numpy(torch, tensor) -> np.ndarray:
@@ -76,7 +83,8 @@ def load_torch_checkpoint(path: str | os.PathLike, prefix: str = "") -> dict[str
             "to .safetensors, which ldm_jax reads without torch"
         ) from e
     try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with storage.local_copy(path) as local:
+            obj = torch.load(os.fspath(local), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(
             f"{path} holds pickled objects other than tensors, which torch.load(weights_only"
@@ -97,7 +105,7 @@ def load_torch_checkpoint(path: str | os.PathLike, prefix: str = "") -> dict[str
 
 def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, np.ndarray]:
     """{name: array} of a .safetensors or pickled PyTorch file, chosen by its suffix."""
-    suffix = pathlib.Path(path).suffix.lower()
+    suffix = storage.path(path).suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return load_safetensors(path, prefix)
     if suffix in TORCH_SUFFIXES:
@@ -125,12 +133,12 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict:
 def save_params(path: str | os.PathLike, params: Mapping, metadata: dict | None = None) -> None:
     """A param tree to `.safetensors` (names are its paths, e.g. `conv_in/kernel`) or
     `.msgpack` (flax serialization of the nested dict), chosen by the suffix."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if path.suffix == ".msgpack":
         from flax import serialization
 
         tree = unflatten_params(flatten_params(params))  # plain nested dict of numpy
-        path.write_bytes(serialization.msgpack_serialize(tree))
+        storage.write_atomic(path, serialization.msgpack_serialize(tree))
     elif path.suffix in SAFETENSORS_SUFFIXES:
         save_safetensors(path, flatten_params(params), metadata)
     else:

@@ -12,18 +12,21 @@ take any run. `export_run` writes a diffusion run's EMA UNet, first stage and te
 encoder in one of EXPORT_LAYOUTS. Each piece of a run is made by its owner (the diffusion
 task's step-0 state, the first stage's checkpoint, the data iterator's initial state);
 the names and configs of the release layouts are converted by `ldm_jax.interop`.
+Workdirs and exports may be local or URLs (gs://..., through `ldm_jax.storage`): files
+that only a local writer makes (safetensors, the tokenizer folder) are written locally
+and then renamed into place or uploaded (`storage.staged`).
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 
 import jax
 import numpy as np
 from flax import linen as nn
 
-from ldm_jax import config_common
+from ldm_jax import config_common, storage
 from ldm_jax.data.pipeline import TrainIterator
 from ldm_jax.errors import UserError
 from ldm_jax.interop import clip_weights, diffusers_config, tensor_files, unet_weights, vae_weights
@@ -42,7 +45,7 @@ _DERIVED = ("in_channels", "out_channels", "context_dim", "image_size", "num_cla
 # ----- import: an ImportedModel as a run ---------------------------------------------------
 def run_config(model: sd.ImportedModel, workdir):
     """The diffusion config of an imported model living in `workdir`."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)
     c = config_common.diffusion_config(
         first_stage_workdir=str(workdir / FIRST_STAGE),
         model_channels=model.unet["model_channels"],
@@ -91,7 +94,7 @@ def _first_stage_config(model: sd.ImportedModel):
     return c
 
 
-def _refuse_existing(workdir: pathlib.Path) -> None:
+def _refuse_existing(workdir: storage.Path) -> None:
     for sub in ("checkpoints", FIRST_STAGE, TEXT_ENCODER):
         if (workdir / sub).exists():
             raise UserError(
@@ -110,12 +113,13 @@ def _check_unet(task: DiffusionTask, unet_params) -> None:
         raise UserError("the converted UNet does not match the run's UNet (internal error)")
 
 
-def write_run(model: sd.ImportedModel, workdir) -> pathlib.Path:
+def write_run(model: sd.ImportedModel, workdir) -> storage.Path:
     """Writes the run directory described in this module's docstring; refuses a workdir
     that already holds checkpoints (nothing is overwritten)."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)
     _refuse_existing(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(workdir):  # an object store has no folders to make
+        workdir.mkdir(parents=True, exist_ok=True)
     config = run_config(model, workdir)
     # The first stage: its params only (no discriminator or optimizer was released).
     FirstStage.save_params(workdir / FIRST_STAGE, model.vae_params, _first_stage_config(model))
@@ -155,20 +159,16 @@ def _unet_config(task: DiffusionTask) -> dict:
     return unet_cfg
 
 
-def _export_tree(config, parts: dict, out: pathlib.Path, layout: str) -> None:
+def _export_tree(config, parts: dict, out: storage.Path, layout: str) -> None:
     """ldm_jax / msgpack: the parts as one param tree, the run's config beside it."""
-    suffix = ".safetensors" if layout == "ldm_jax" else ".msgpack"
-    if out.suffix != suffix:
-        raise UserError(f"--layout {layout} writes a {suffix} file; name --out accordingly")
     settings = json.loads(config.to_json())
-    out.parent.mkdir(parents=True, exist_ok=True)
     # msgpack files hold no metadata: there the config is in the .json only.
-    metadata = {"config": json.dumps(settings)} if suffix != ".msgpack" else None
+    metadata = {"config": json.dumps(settings)} if layout != "msgpack" else None
     tensor_files.save_params(out, parts, metadata)
-    out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+    storage.write_atomic(out.with_suffix(".json"), json.dumps(settings, indent=2) + "\n")
 
 
-def _export_compvis(config, task: DiffusionTask, parts: dict, out: pathlib.Path) -> None:
+def _export_compvis(config, task: DiffusionTask, parts: dict, out: storage.Path) -> None:
     """One .safetensors in the SD single-file naming, plus its inference .yaml."""
     import yaml
 
@@ -177,8 +177,6 @@ def _export_compvis(config, task: DiffusionTask, parts: dict, out: pathlib.Path)
             "an SD 2.x (OpenCLIP, penultimate) text encoder has no CompVis export here: its "
             "unused last block is not kept; export --layout diffusers instead."
         )
-    if out.suffix != ".safetensors":
-        raise UserError("--layout compvis writes one .safetensors file; name --out accordingly")
     tensors = unet_weights.unet_to_compvis(parts["unet"], task.unet, prefix=sd.UNET_PREFIX)
     tensors |= vae_weights.vae_to_compvis(
         parts["vae"], task.first_stage.model, prefix=sd.VAE_PREFIX
@@ -186,17 +184,16 @@ def _export_compvis(config, task: DiffusionTask, parts: dict, out: pathlib.Path)
     text = parts.get("text_encoder")
     if text is not None:
         tensors |= clip_weights.export_hf_clip(text, prefix=sd.SD1_CLIP_PREFIX)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensor_files.save_safetensors(out, tensors)
     fs = task.first_stage.model_cfg.to_dict()
     settings = sd.compvis_yaml(config.diffusion, _unet_config(task), fs)
-    out.with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    storage.write_atomic(out.with_suffix(".yaml"), yaml.safe_dump(settings, sort_keys=False))
 
 
-def _export_diffusers(config, task: DiffusionTask, parts: dict, out: pathlib.Path) -> None:
-    """A diffusers pipeline folder: configs, tokenizer and the three models' weights."""
-    if task.cond.kind != "clip":
-        raise UserError("--layout diffusers needs a CLIP-conditioned (Stable Diffusion) run")
+def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Path) -> None:
+    """A diffusers pipeline folder: configs, tokenizer and the three models' weights,
+    written in a local folder (transformers writes a tokenizer folder locally only) that
+    then becomes `out` (`storage.staged`: renamed locally, uploaded to a remote `out`)."""
     files = {
         "unet/config.json": diffusers_config.unet_config_to_diffusers(_unet_config(task)),
         "vae/config.json": diffusers_config.vae_config_to_diffusers(
@@ -209,36 +206,59 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: pathlib.Pat
             config.diffusion
         ),
     }
-    # Vocabulary, merges and pad token, as transformers itself writes a tokenizer folder.
-    task.cond.tokenizer.save_pretrained(out / "tokenizer")
-    for name, content in files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(content, indent=2) + "\n")
-    # One model's converted tensors at a time: a full UNet is gigabytes.
-    tensor_files.save_safetensors(
-        out / "unet/diffusion_pytorch_model.safetensors",
-        unet_weights.unet_to_diffusers(parts["unet"], task.unet),
-    )
-    tensor_files.save_safetensors(
-        out / "vae/diffusion_pytorch_model.safetensors",
-        vae_weights.vae_to_diffusers(parts["vae"], task.first_stage.model),
-    )
-    tensor_files.save_safetensors(
-        out / "text_encoder/model.safetensors",
-        clip_weights.export_hf_clip(parts["text_encoder"], prefix="text_model."),
-    )
+    with storage.staged(out) as folder:
+        # Vocabulary, merges and pad token, as transformers itself writes a tokenizer folder.
+        task.cond.tokenizer.save_pretrained(os.fspath(folder / "tokenizer"))
+        for name, content in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+        # One model's converted tensors at a time: a full UNet is gigabytes.
+        tensor_files.save_safetensors(
+            folder / "unet/diffusion_pytorch_model.safetensors",
+            unet_weights.unet_to_diffusers(parts["unet"], task.unet),
+        )
+        tensor_files.save_safetensors(
+            folder / "vae/diffusion_pytorch_model.safetensors",
+            vae_weights.vae_to_diffusers(parts["vae"], task.first_stage.model),
+        )
+        tensor_files.save_safetensors(
+            folder / "text_encoder/model.safetensors",
+            clip_weights.export_hf_clip(parts["text_encoder"], prefix="text_model."),
+        )
 
 
-def export_run(workdir, layout: str, out, step: int = -1) -> pathlib.Path:
+# The file each single-file layout writes, and the file written beside it.
+_SUFFIXES = {"ldm_jax": (".safetensors", ".json"), "msgpack": (".msgpack", ".json"),
+             "compvis": (".safetensors", ".yaml")}  # fmt: skip
+
+
+def _refuse_targets(layout: str, out: storage.Path) -> None:
+    """An export writes new paths only: `out` (and for a single-file layout, its config
+    beside it) must not exist, and the file's suffix must be the layout's."""
+
+    def refuse_existing(target):
+        if target.exists():
+            raise UserError(f"{target} exists: export to a new path (nothing was changed).")
+
+    refuse_existing(out)
+    if layout in _SUFFIXES:
+        suffix, beside = _SUFFIXES[layout]
+        if out.suffix != suffix:
+            raise UserError(f"--layout {layout} writes one {suffix} file; name --out accordingly")
+        refuse_existing(out.with_suffix(beside))
+
+
+def export_run(workdir, layout: str, out, step: int = -1) -> storage.Path:
     """A diffusion run's EMA UNet, first stage and text encoder in one of EXPORT_LAYOUTS:
     ldm_jax (.safetensors, names `unet/...`, `vae/...`, `text_encoder/...`), msgpack, a
     CompVis single file (+ its inference YAML), or a diffusers folder."""
     if layout not in EXPORT_LAYOUTS:
         raise UserError(f"layout {layout!r}: use one of {list(EXPORT_LAYOUTS)}")
-    out = pathlib.Path(out).absolute()
-    if out.exists():
-        raise UserError(f"{out} exists: export to a new path (nothing was changed).")
+    out = storage.path(out)
+    _refuse_targets(layout, out)
     config, task, parts = _run_parts(workdir, step)
+    if layout == "diffusers" and task.cond.kind != "clip":
+        raise UserError("--layout diffusers needs a CLIP-conditioned (Stable Diffusion) run")
     if layout in ("ldm_jax", "msgpack"):
         _export_tree(config, parts, out, layout)
     elif layout == "compvis":
