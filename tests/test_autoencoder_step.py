@@ -20,8 +20,9 @@ from ldm_jax.training.autoencoder import AutoencoderTask
 
 
 class Setup:
-    def __init__(self, kind, batch_size, **loss):
+    def __init__(self, kind, batch_size, dtype="float32", **loss):
         self.config = tiny_autoencoder_config(kind, batch_size=batch_size)
+        self.config.model.dtype = dtype
         self.config.loss.disc_start = 1  # step 0 without GAN terms, step 1 with them
         # Adam's first update is lr * g / (|g| + eps): with a larger eps it stays linear in
         # g, so float noise in exactly-zero gradients cannot become lr-sized differences.
@@ -169,3 +170,22 @@ def test_vq_step_updates_codebook_and_discriminator():
     new = new_state.gen_params["model"]["quantize"]["embedding"]
     assert not np.allclose(old, new)
     assert float(metrics["disc_loss"]) > 0
+
+
+def test_bf16_compute_trains_like_fp32():
+    """model.dtype='bfloat16' (fp32 params and optimizer): the step with the GAN terms on
+    runs (the loss heads' fp32 cotangents meet an fp32 reconstruction), and its losses and
+    adaptive weight are the fp32 step's to bf16 precision."""
+    runs = {d: Setup("kl", 4, dtype=d, perceptual_weight=0.0) for d in ("float32", "bfloat16")}
+    out = {}
+    for d, run in runs.items():
+        state = run.state.replace(step=jnp.ones((), jnp.int32))
+        new_state, metrics = run.step(state, {"image": run.x}, jax.random.PRNGKey(3), run.frozen)
+        assert float(metrics["finite"]) == 1.0, d
+        leaves = jax.tree.leaves(new_state.gen_params)
+        assert all(leaf.dtype == jnp.float32 for leaf in leaves), d  # master weights stay fp32
+        out[d] = metrics
+    for key in ("nll", "rec_loss", "kl", "d_weight", "disc_loss"):
+        np.testing.assert_allclose(
+            out["bfloat16"][key], out["float32"][key], rtol=0.05, err_msg=key
+        )

@@ -150,7 +150,10 @@ class AutoencoderTask(Task):
                 train=True,
                 rngs={"sample": r_sample, "dropout": r_drop},
             )
-            return (out.recon, out.reg_loss), (out.hidden, out.metrics)
+            # fp32 out, whatever the compute dtype: the loss heads' cotangents are fp32
+            # and jax.vjp wants them in its outputs' dtypes.
+            recon, reg = out.recon.astype(jnp.float32), out.reg_loss.astype(jnp.float32)
+            return (recon, reg), (out.hidden, out.metrics)
 
         model_params = state.gen_params["model"]
         (recon, reg_loss), ae_vjp, (hidden, model_metrics) = jax.vjp(
@@ -164,7 +167,9 @@ class AutoencoderTask(Task):
         last = _get_path(
             self.for_compute(model_params, "gen_params", "model"), ae_models.LAST_LAYER_PATH
         )
-        _, conv_vjp = jax.vjp(lambda p: ae_models.apply_output_conv(p, hidden), last)
+        _, conv_vjp = jax.vjp(
+            lambda p: ae_models.apply_output_conv(p, hidden).astype(jnp.float32), last
+        )
         (nll_last,) = conv_vjp(d_nll_recon)
         (adv_last,) = conv_vjp(d_adv_recon)
         d_weight = ae_losses.adaptive_weight(
