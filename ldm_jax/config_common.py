@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
             flip=True,
             prepare_if_missing=True,
             num_threads=2,
+            num_workers=0,  # >0: batches made in worker processes (large images)
             image_key="image",
             label_key="label",
             caption_key="caption",

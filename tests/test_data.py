@@ -256,6 +256,28 @@ def test_resume_from_state_and_seeds(data_dir):
     )
 
 
+def test_worker_processes_give_the_threaded_stream(data_dir):
+    """data.num_workers=2: batches made whole in two worker processes, read back in turn,
+    are the threaded iterator's bit for bit (random crops and flips), also after
+    set_state; a negative count is refused."""
+    cfg = _photo_cfg(data_dir)
+    threads = TrainIterator(cfg, global_batch_size=6, seed=2, process_count=1)
+    want = [next(threads)["image"] for _ in range(5)]
+    cfg.num_workers = 2
+    workers = TrainIterator(cfg, global_batch_size=6, seed=2, process_count=1)
+    try:
+        for k, image in enumerate(want[:3]):
+            np.testing.assert_array_equal(next(workers)["image"], image, err_msg=f"batch {k}")
+        workers.set_state({"next_batch": 1, "seed": 2, "global_batch_size": 6})
+        np.testing.assert_array_equal(next(workers)["image"], want[1])
+        assert workers.get_state()["next_batch"] == 2
+    finally:
+        workers.close()
+    cfg.num_workers = -1
+    with pytest.raises(UserError, match="num_workers"):
+        TrainIterator(cfg, global_batch_size=6, seed=2, process_count=1)
+
+
 def test_batch_size_and_size_errors(data_dir):
     with pytest.raises(UserError, match=r"10.*3"):
         TrainIterator(

@@ -38,6 +38,9 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
             "flip": False,
             "prepare_if_missing": False,
             "num_threads": 8,
+            # >0: the training batches are made (read, decoded, augmented) in this many
+            # worker processes, whole batches each, in order (bench/input_pipeline.py).
+            "num_workers": 0,
             "image_key": "image",
             "label_key": "label",
             "caption_key": "caption",
@@ -206,12 +209,13 @@ class _Reader:
         return labels.astype(np.uint8 if n <= 256 else np.int32)
 
 
-def _collate(examples) -> dict:
+def _collate(examples, float_images: bool = True) -> dict:
     batch = {}
     if "latent" in examples[0]:
         batch["latent"] = np.stack([e["latent"] for e in examples]).astype(np.float32)
     if "image" in examples[0]:
-        batch["image"] = transforms.to_float(np.stack([e["image"] for e in examples]))
+        images = np.stack([e["image"] for e in examples])
+        batch["image"] = transforms.to_float(images) if float_images else images
         conditions.collate(examples, batch)
     if "label" in examples[0]:
         batch["label"] = np.array([e["label"] for e in examples], np.int32)
@@ -230,6 +234,69 @@ def _batched(elements: grain.MapDataset, local_batch: int, num_threads: int):
         num_threads=num_threads, prefetch_buffer_size=2 * local_batch if num_threads else 0
     )
     return iter(elements.to_iter_dataset(opts).batch(local_batch, batch_fn=_collate))
+
+
+class _TrainElements:
+    """Example j of this process's stream -> its transformed example (see the module's
+    determinism contract). A plain picklable object, so that worker processes can make
+    batches with it; each keeps its own cache of epoch permutations."""
+
+    def __init__(self, reader, seed, global_batch, process_index, local_batch, num_examples):
+        self.reader, self.seed = reader, seed
+        self.global_batch, self.process_index = global_batch, process_index
+        self.local_batch, self.num_examples = local_batch, num_examples
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in vars(self).items() if k not in ("_perms", "_lock")}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._perms, self._lock = {}, threading.Lock()
+
+    def perm(self, epoch: int) -> np.ndarray:
+        with self._lock:  # grain reads from several threads
+            if epoch not in self._perms:
+                rng = np.random.default_rng([self.seed, _PERM_TAG, epoch])
+                self._perms[epoch] = rng.permutation(self.num_examples)
+                for old in [e for e in self._perms if e < epoch - 1]:
+                    del self._perms[old]
+            return self._perms[epoch]
+
+    def global_position(self, step: int, row: int) -> int:
+        return step * self.global_batch + self.process_index * self.local_batch + row
+
+    def __call__(self, j: int) -> dict:
+        g = self.global_position(j // self.local_batch, j % self.local_batch)
+        epoch, offset = divmod(g, self.num_examples)
+        rng = np.random.default_rng([self.seed, _EXAMPLE_TAG, g])
+        condition_rng = conditions.rng_for_train(self.seed, g)
+        return self.reader.read(int(self.perm(epoch)[offset]), rng, condition_rng)
+
+    def batch(self, k: int) -> dict:
+        """This process's part of global batch k, collated, its images still uint8 (a
+        quarter of the bytes to send back from a worker)."""
+        examples = [self(k * self.local_batch + r) for r in range(self.local_batch)]
+        return _collate(examples, float_images=False)
+
+
+def _float_images(batch: dict) -> dict:
+    if "image" in batch:
+        batch["image"] = transforms.to_float(batch["image"])
+    return batch
+
+
+def _batches_in_workers(elements: _TrainElements, first_batch: int, workers: int):
+    """Whole batches made in `workers` processes: grain gives worker i every workers-th
+    batch and reads them back in turn, so the stream is the threaded one's."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; argparse commands
+        flags.FLAGS.mark_as_parsed()  # and tests never parse them: take the defaults
+    batches = grain.MapDataset.range(first_batch, 2**62).map(elements.batch)
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+    return iter(batches.to_iter_dataset().mp_prefetch(options).map(_float_images))
 
 
 class TrainIterator:
@@ -268,9 +335,13 @@ class TrainIterator:
         self.seed, self.global_batch_size = int(seed), global_batch_size
         self.process_index, self.process_count, self.local_batch_size = p, count, local
         self.num_examples = len(source)
-        self._threads = s.num_threads
-        self._perms: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._threads, self._workers = s.num_threads, int(s.num_workers or 0)
+        if self._workers < 0:
+            raise UserError(f"data.num_workers={self._workers}: use 0 (threads) or more.")
+        self._elements = _TrainElements(
+            self._reader, self.seed, global_batch_size, p, local, self.num_examples
+        )
+        self._it = None
         self._start(0)
 
     @property
@@ -281,31 +352,25 @@ class TrainIterator:
     def has_captions(self) -> bool:
         return self._reader.caption_key is not None
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        with self._lock:  # grain reads from several threads
-            if epoch not in self._perms:
-                rng = np.random.default_rng([self.seed, _PERM_TAG, epoch])
-                self._perms[epoch] = rng.permutation(self.num_examples)
-                for old in [e for e in self._perms if e < epoch - 1]:
-                    del self._perms[old]
-            return self._perms[epoch]
-
     def global_position(self, step: int, row: int) -> int:
         """Global position of row `row` of this process's part of global batch `step`."""
-        return step * self.global_batch_size + self.process_index * self.local_batch_size + row
-
-    def _element(self, j: int) -> dict:
-        g = self.global_position(j // self.local_batch_size, j % self.local_batch_size)
-        epoch, offset = divmod(g, self.num_examples)
-        rng = np.random.default_rng([self.seed, _EXAMPLE_TAG, g])
-        condition_rng = conditions.rng_for_train(self.seed, g)
-        return self._reader.read(int(self._perm(epoch)[offset]), rng, condition_rng)
+        return self._elements.global_position(step, row)
 
     def _start(self, next_batch: int) -> None:
-        first = next_batch * self.local_batch_size
-        elements = grain.MapDataset.range(first, 2**62).map(self._element)
-        self._it = _batched(elements, self.local_batch_size, self._threads)
+        self.close()
+        if self._workers:
+            self._it = _batches_in_workers(self._elements, next_batch, self._workers)
+        else:
+            first = next_batch * self.local_batch_size
+            elements = grain.MapDataset.range(first, 2**62).map(self._elements)
+            self._it = _batched(elements, self.local_batch_size, self._threads)
         self._next_batch = next_batch
+
+    def close(self) -> None:
+        """Stops the worker processes, if any (also done when the iterator is collected)."""
+        if self._it is not None and self._workers:
+            self._it.close()
+        self._it = None
 
     def __iter__(self):
         return self
