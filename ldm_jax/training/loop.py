@@ -204,6 +204,7 @@ class Trainer:
             writer = outputs.MetricWriter(self.workdir)
             result = self._train(state, start, step_fn, train_iter, ckpt, writer)
             writer.close()
+            train_iter.close()  # stops data.num_workers' processes now, not at collection
         ckpt.close()
         return result
 
