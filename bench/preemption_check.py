@@ -5,8 +5,8 @@
 
 Each process runs the same data-parallel step (an MLP's SGD update, the batch split over
 all 8 devices of the job) in a loop of --steps steps, dispatched asynchronously as the
-training loop does, and reads the step's result once at the end. Interleaved rounds time
-the loop with no check, with PreemptionWatch's all-gather every N steps, and with JAX's
+training loop does (at most --in_flight queued, train.max_steps_in_flight), and reads the
+step's result once at the end. Interleaved rounds time the loop with no check, with PreemptionWatch's all-gather every N steps, and with JAX's
 preemption service asked every step. Process 0 prints the median ms per step of each and
 the cost of the check per step beside the plain step. The all-gather costs more than its
 round trip: it waits for the queued steps to finish, so the host stops running ahead.
@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ldm_jax.parallel import distributed
-from ldm_jax.training import preemption
+from ldm_jax.training import dispatch, preemption
 
 
 def make_step(mesh, width: int):
@@ -48,11 +48,14 @@ def make_step(mesh, width: int):
     return step, w, x
 
 
-def loop(step, w, x, steps: int, check) -> float:
-    """Seconds per step of `steps` steps, `check(done)` after each (None: no check)."""
+def loop(step, w, x, steps: int, check, in_flight: int) -> float:
+    """Seconds per step of `steps` steps, `check(done)` after each (None: no check), with at
+    most `in_flight` steps dispatched ahead of the last one finished (0: unbounded)."""
     t = time.perf_counter()
+    window = dispatch.DispatchWindow(in_flight)
     for done in range(1, steps + 1):
         w = step(w, x)
+        window.push(w)
         if check is not None and check(done):
             raise AssertionError("no process was signalled")
     jax.block_until_ready(w)
@@ -64,6 +67,13 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--width", type=int, default=512)
+    p.add_argument(
+        "--in_flight",
+        type=int,
+        default=4,
+        help="queued steps at most, as the training loop "
+        "(train.max_steps_in_flight); 0: no bound, which deadlocks XLA:CPU's collectives",
+    )
     p.add_argument("--every", default="1,10,100", help="all-gather intervals to time")
     args = p.parse_args()
     distributed.initialize()
@@ -81,7 +91,7 @@ def main():
     times = {name: [] for name in watches}
     for _ in range(args.rounds):
         for name, check in watches.items():
-            times[name].append(loop(step, w, x, args.steps, check))
+            times[name].append(loop(step, w, x, args.steps, check, args.in_flight))
     if jax.process_index() == 0:
         print(f"{jax.process_count()} processes x {jax.local_device_count()} devices, "
               f"width {args.width}, {args.steps} steps x {args.rounds} rounds (median)")  # fmt: skip

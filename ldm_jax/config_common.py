@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
             # on the step through JAX's preemption service (asked every step, a local
             # lookup); where it is off, by an all-gather every this many steps.
             preemption_check_every=10,
+            # How many dispatched steps may be queued ahead of the devices (0: no bound;
+            # training/dispatch.py says why a bound).
+            max_steps_in_flight=4,
             # Telemetry (training/telemetry.py): MFU divides by this peak FLOP/s per device
             # (0: the table's, by device kind); profile_steps=(first, last) writes a
             # jax.profiler trace of those steps to <workdir>/profile.

@@ -27,7 +27,7 @@ from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import outputs, preemption, telemetry
+from ldm_jax.training import dispatch, outputs, preemption, telemetry
 from ldm_jax.training.task import make_task
 
 
@@ -233,6 +233,7 @@ class Trainer:
             config.batch_size, train_cfg.get("peak_flops_per_device", 0.0)
         )
         profiler = telemetry.Profiler(self.workdir, train_cfg.get("profile_steps", ()))
+        window = dispatch.DispatchWindow(train_cfg.get("max_steps_in_flight", 4))
         for step in range(start, num_steps):
             clock.input_started()
             batch = self._device_batch(next(train_iter))
@@ -240,6 +241,7 @@ class Trainer:
             profiler.before_step(step + 1)
             state, metrics = step_fn(state, batch, self.step_rng, self.frozen)
             done = step + 1
+            window.push(metrics)
             profiler.after_step(done, state)
             if step == start:  # exclude compilation from the throughput figures
                 jax.block_until_ready(metrics)
