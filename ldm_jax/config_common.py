@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
             image_every=1000,
             num_image_rows=8,
             on_nonfinite="stop",  # 'stop': raise naming the step; 'skip': drop the update
-            progress_bar=True,
+            progress_bar=True,  # a bar in a terminal, one line per logged step in a log file
             # SIGTERM -> all processes save at one step and exit 0. Multi-process runs agree
             # on the step through JAX's preemption service (asked every step, a local
             # lookup); where it is off, by an all-gather every this many steps.
@@ -299,9 +299,12 @@ def diffusion_config(
             schedule="constant", cosine=lr_schedules.default_cosine(),  # training/lr_schedules.py
         )
     )  # fmt: skip
+    # spacing (DDIM, PLMS): "uniform" is the reference's grid (one step more when steps
+    # does not divide the timesteps), "leading" diffusers' (exactly `steps` steps).
     c.sampling = ml_collections.ConfigDict(
-        dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0, grid_rows=2)
-    )
+        dict(sampler="ddim", steps=50, eta=0.0, spacing="uniform", guidance_scale=1.0,
+             grid_rows=2)
+    )  # fmt: skip
     c.data.image_size = 256
     c.data.resize = 256
     c.data.crop = "center"

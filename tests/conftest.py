@@ -80,11 +80,11 @@ def tiny_autoencoder_run(tmp_path_factory, data_dir):
         f"--config={AE_CONFIG}",
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
-        "--config.train.progress_bar=False",
     ]
-    first = run_module("ldm_jax.train", *common, "--config.train.num_steps=2")
-    # The resumed run also traces steps 3-4 and reports MFU against a stated peak
-    # (test_telemetry reads both).
+    quiet = "--config.train.progress_bar=False"
+    first = run_module("ldm_jax.train", *common, quiet, "--config.train.num_steps=2")
+    # The resumed run also traces steps 3-4, reports MFU against a stated peak, and shows
+    # its progress into a pipe (test_telemetry reads all three).
     telemetry = ["--config.train.profile_steps=(3, 4)", "--config.train.peak_flops_per_device=1e11"]
     second = run_module("ldm_jax.train", *common, "--config.train.num_steps=4", *telemetry)
     return workdir, first, second

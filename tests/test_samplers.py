@@ -249,7 +249,7 @@ def test_timestep_grids():
     assert quad[-1] == 801 and len(quad) == 50
     with pytest.raises(ValueError, match="past the last timestep"):
         samplers.ddim_timesteps(T, 600)
-    with pytest.raises(ValueError, match="uniform, quad"):
+    with pytest.raises(ValueError, match="uniform, quad, leading"):
         samplers.ddim_timesteps(T, 50, "log")
     dpm = samplers.dpm_solver_timesteps(T, 20)
     assert len(dpm) == 20 and dpm[0] == 999 and dpm[-1] == 50 and np.all(np.diff(dpm) < 0)
@@ -297,6 +297,50 @@ def test_matches_diffusers_schedulers():
             eps_model, SCHED, jnp.asarray(x_T), jax.random.PRNGKey(0), num_steps=steps, **opts
         )
         np.testing.assert_allclose(ours, x.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 7, 30])
+def test_leading_spacing_takes_n_steps_as_diffusers(steps):
+    """diffusers' grid (imported SD runs): n steps are n model calls, where the reference's
+    grid takes n + 1 (7, 30) or refuses (3: its last point is past T), and DDIM and PLMS
+    equal diffusers' schedulers on it, for n that do not divide T."""
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    grid = samplers.timesteps("ddim", T, num_steps=steps, spacing="leading")
+    assert len(grid) == steps
+    calls = []
+
+    def counting_model(x, t):
+        calls.append(int(t[0]))
+        return eps_model(x, t)
+
+    x_T = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    common, ldm_like = DIFFUSERS_SCHEDULE, DIFFUSERS_LDM_GRID
+    cases = [
+        (diffusers.DDIMScheduler(**common, **ldm_like, clip_sample=False), samplers.ddim),
+        (diffusers.PNDMScheduler(**common, **ldm_like, skip_prk_steps=True), samplers.plms),
+    ]
+    for sch, fn in cases:
+        sch.set_timesteps(steps)
+        x = torch.from_numpy(x_T)
+        for t in sch.timesteps:
+            p, q = _eps_coefs(int(t))
+            x = sch.step((p * x.double() + q).float(), t, x).prev_sample
+        calls.clear()
+        with jax.disable_jit():  # the scan runs in Python: one entry per model call
+            ours = fn(counting_model, SCHED, jnp.asarray(x_T), jax.random.PRNGKey(0),
+                      num_steps=steps, spacing="leading")  # fmt: skip
+        np.testing.assert_allclose(ours, x.numpy(), atol=1e-5, err_msg=fn.__name__)
+        if fn is samplers.ddim:
+            np.testing.assert_array_equal(grid, sch.timesteps.numpy())
+            assert calls == list(grid)
+        else:  # PLMS's first step also asks the next grid point
+            assert len(calls) == steps + 1
+    if steps == 3:  # the reference's grid: 0, 333, 666, 999, + 1 is past T
+        with pytest.raises(ValueError, match="past the last timestep"):
+            samplers.ddim_timesteps(T, steps)
+    else:
+        assert len(samplers.ddim_timesteps(T, steps)) == steps + 1
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "plms", "dpm_solver_pp_2m"])

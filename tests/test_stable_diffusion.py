@@ -105,8 +105,10 @@ def _diffusers_pipeline(pipeline: str, folder, tokenizer: str):
 def _pipeline_agrees(run, folder, tokenizer: str, negatives=(None,)) -> None:
     """ldm_jax's sampling of a run (`run`: load_run's config, task, state, step) and
     diffusers' StableDiffusionPipeline on our diffusers export of it in `folder` give the
-    same images from the same starting latents (DDIM, 4 steps, guidance 7.5), with the
-    empty prompt or each negative prompt as the guidance's unconditional branch."""
+    same images from the same starting latents (DDIM, 3 steps, guidance 7.5), with the
+    empty prompt or each negative prompt as the guidance's unconditional branch. 3 does
+    not divide the 1000 timesteps: the imported run takes diffusers' 3-step grid, where the
+    reference's would refuse it."""
     torch = pytest.importorskip("torch")
 
     prompt = "a photo of a cat"
@@ -115,7 +117,7 @@ def _pipeline_agrees(run, folder, tokenizer: str, negatives=(None,)) -> None:
     noise = jax.random.normal(jax.random.PRNGKey(7), (2, 16, 16, 4))
     inputs = task.cond.encode_prompts([prompt] * 2)
     sampling = config.sampling.copy_and_resolve_references()
-    sampling.update(dict(steps=4, guidance_scale=7.5))
+    sampling.update(dict(steps=3, guidance_scale=7.5))
     latents = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
     results = []
     for negative in negatives:
@@ -123,7 +125,7 @@ def _pipeline_agrees(run, folder, tokenizer: str, negatives=(None,)) -> None:
         ours = task.sample(state, task.frozen_params(), inputs, jax.random.PRNGKey(0),
                            noise=noise, sampling=sampling, uncond=uncond)  # fmt: skip
         with torch.no_grad():
-            theirs = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=7.5,
+            theirs = pipe([prompt] * 2, num_inference_steps=3, guidance_scale=7.5,
                           latents=latents.clone(), height=32, width=32, output_type="np",
                           negative_prompt=None if negative is None else [negative] * 2).images  # fmt: skip
         got = (np.asarray(ours) + 1.0) / 2.0
@@ -141,7 +143,7 @@ def test_text_to_image_command_and_diffusers_pipeline_agree(
     from ldm_jax import sample
 
     out = sample.main([f"--workdir={imported}", "--prompts", "a photo of a cat",
-                       "--num_per_condition=2", "--steps=4", "--guidance=7.5",
+                       "--num_per_condition=2", "--steps=3", "--guidance=7.5",
                        f"--out={tmp_path / 'samples'}"])  # fmt: skip
     assert out["images"].shape == (2, 32, 32, 3) and (tmp_path / "samples/samples.png").is_file()
     _pipeline_agrees(

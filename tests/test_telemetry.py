@@ -1,6 +1,7 @@
 """Training telemetry: FLOPs from XLA's cost analysis against closed forms, the MFU and
 throughput arithmetic, and a real run's TensorBoard events, console line and trace."""
 
+import io
 import json
 
 import jax
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
 
 from ldm_jax.errors import UserError
-from ldm_jax.training import telemetry
+from ldm_jax.training import curves, telemetry
 
 
 def test_step_flops_of_a_matmul_is_2mnk_per_device():
@@ -101,5 +103,50 @@ def test_a_run_logs_its_throughput_and_traces_its_steps(tiny_autoencoder_run):
     assert {"perf/step_ms", "perf/mfu", "perf/input_share", "perf/images_per_sec"} <= tags
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("throughput: "))
     assert "images/s" in line and "MFU" in line and "input" in line
+    # Into a pipe, progress is one plain line per logged step, with no carriage returns.
+    last = next(x for x in resumed.stdout.splitlines() if x.startswith("step 4/4: loss="))
+    assert "img_s=" in last and "mfu=" in last
+    assert "\r" not in resumed.stdout + resumed.stderr
+    # Each run ends by drawing its curves; the resumed run's cover steps 1-4.
+    result = json.loads((workdir / "metrics.json").read_text())
+    assert result["curves_png"] == str(workdir / "curves.png")
+    assert curves.read_series(workdir / "metrics.jsonl")["loss"][0].tolist() == [1, 2, 3, 4]
+    assert Image.open(workdir / "curves.png").size[0] == 3 * curves.PANEL_W
     traces = list((workdir / "profile" / "process_0").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_in_a_terminal_and_lines_in_a_log(capsys):
+    from ldm_jax.training import progress
+
+    figures = {"images_per_sec": 12.5, "mfu": 0.31, "input_share": 0.05}
+    terminal = _Terminal()
+    bar = progress.Progress(10, 0, lead=True, show=True, stream=terminal)
+    bar.update(5, 0.25, figures)
+    bar.write("step 5: eval=1")
+    bar.close()
+    assert "\r" in terminal.getvalue() and "mfu=31.0%" in terminal.getvalue()
+    log = io.StringIO()
+    lines = progress.Progress(10, 2, lead=True, show=True, stream=log)
+    lines.update(4, 0.25, figures)
+    lines.update(10, 0.125, figures)
+    lines.write("step 10: eval=1")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 4/10: loss=0.25, img_s=12.5, mfu=31.0%, input=5%, ")
+    assert (
+        out[0].endswith(" left")
+        and out[1] == "step 10/10: loss=0.125, img_s=12.5, mfu=31.0%, input=5%"
+    )
+    assert out[2] == "step 10: eval=1" and log.getvalue() == ""
+    hidden = progress.Progress(10, 0, lead=True, show=False, stream=log)
+    hidden.update(10, 0.1, figures)
+    hidden.write("preemption requested")  # the lead's lines are written without a bar
+    other = progress.Progress(10, 0, lead=False, show=True, stream=log)
+    other.update(10, 0.1, figures)
+    other.write("not process 0")
+    assert capsys.readouterr().out == "preemption requested\n"

@@ -34,7 +34,7 @@ import numpy as np
 from ldm_jax.diffusion.objectives import model_output_to_eps_x0
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 
-DDIM_SPACINGS = ("uniform", "quad")
+DDIM_SPACINGS = ("uniform", "quad", "leading")
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 # Adams-Bashforth coefficients of PLMS for (e_t, e_{t-1}, e_{t-2}, e_{t-3}), by how many
@@ -139,12 +139,17 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
     """Ascending training timesteps of the DDIM grid, as LDM's `make_ddim_timesteps`.
 
     "uniform" is range(0, T, T // num_steps) + 1, so it has more than num_steps entries
-    when num_steps does not divide T (the reference's behaviour); "quad" is
-    int(linspace(0, sqrt(0.8 T), num_steps)^2) + 1 and may repeat small timesteps.
+    when num_steps does not divide T (the reference's behaviour: 31 steps for 30);
+    "leading" is diffusers' spacing, arange(num_steps) * (T // num_steps) + 1 (its
+    steps_offset of 1), exactly num_steps entries, the same grid when num_steps divides T;
+    "quad" is int(linspace(0, sqrt(0.8 T), num_steps)^2) + 1 and may repeat small
+    timesteps.
     """
     _check_steps(num_steps, num_timesteps)
     if spacing == "uniform":
         ts = np.arange(0, num_timesteps, num_timesteps // num_steps)
+    elif spacing == "leading":
+        ts = np.arange(num_steps) * (num_timesteps // num_steps)
     elif spacing == "quad":
         ts = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
     else:
@@ -394,10 +399,13 @@ def get_sampler(name: str) -> Callable:
 
 def options(sampling) -> dict:
     """The keyword options sampler `sampling.sampler` takes from a sampling config: the
-    step count for all but DDPM (which runs every training timestep), eta for DDIM."""
+    step count for all but DDPM (which runs every training timestep), the grid's spacing
+    for DDIM and PLMS (configs from before it existed have the reference's), eta for DDIM."""
     opts = {}
     if sampling.sampler != "ddpm":
         opts["num_steps"] = int(sampling.steps)
+    if sampling.sampler in ("ddim", "plms"):
+        opts["spacing"] = str(sampling.get("spacing", "uniform"))
     if sampling.sampler == "ddim":
         opts["eta"] = float(sampling.eta)
     return opts

@@ -14,7 +14,6 @@ import time
 import jax
 from flax import linen as nn
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from ldm_jax import storage
 from ldm_jax.data import datasets as datasets_lib
@@ -27,7 +26,7 @@ from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 from ldm_jax.parallel.mesh_run import MeshRun
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import dispatch, outputs, preemption, telemetry
+from ldm_jax.training import curves, dispatch, outputs, preemption, progress, telemetry
 from ldm_jax.training.task import make_task
 
 
@@ -219,13 +218,7 @@ class Trainer:
     def _train(self, state, start, step_fn, train_iter, ckpt, writer) -> dict:
         config, train_cfg = self.config, self.config.train
         num_steps = train_cfg.num_steps
-        bar = tqdm(
-            total=num_steps,
-            initial=start,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.is_lead and train_cfg.progress_bar),
-        )
+        bar = progress.Progress(num_steps, start, lead=self.is_lead, show=train_cfg.progress_bar)
         t0, last_metrics, image_path, throughput = time.time(), {}, None, {}
         done, preempted = start, False
         watch = preemption.PreemptionWatch(train_cfg.preemption_check_every)
@@ -256,9 +249,7 @@ class Trainer:
                 throughput = clock.interval() or throughput
                 last_metrics |= {"skipped_steps": skipped}
                 writer.scalars(done, last_metrics | {f"perf/{k}": v for k, v in throughput.items()})
-                # Steps are dispatched asynchronously; the bar moves only when they are done.
-                bar.update(done - bar.n)
-                bar.set_postfix(_postfix(last_metrics["loss"], throughput))
+                bar.update(done, last_metrics["loss"], throughput)
             periodic = self._periodic_work_due(done) and not is_last
             if periodic:  # images, evaluation, checkpoints: not step time
                 clock.pause(state)
@@ -301,7 +292,10 @@ class Trainer:
             "workdir": str(self.workdir),
             "checkpoint": str(ckpt.directory / str(ckpt.latest_step())),
             "samples_png": str(image_path) if image_path else None,
+            "curves_png": None,
         }
+        if self.is_lead and curves.write_curves(writer.log_path, self.workdir / "curves.png"):
+            result["curves_png"] = str(self.workdir / "curves.png")
         if self.is_lead:
             (self.workdir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
@@ -309,16 +303,6 @@ class Trainer:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
-
-def _postfix(loss: float, throughput: dict) -> dict:
-    """The progress bar's figures: loss, images/s, and MFU and input share where known."""
-    out = {"loss": f"{loss:.4g}", "img_s": f"{throughput.get('images_per_sec', 0.0):.1f}"}
-    if "mfu" in throughput:
-        out["mfu"] = f"{100 * throughput['mfu']:.1f}%"
-    if "input_share" in throughput:
-        out["input"] = f"{100 * throughput['input_share']:.0f}%"
-    return out
 
 
 def _fmt_throughput(t: dict) -> str:

@@ -15,12 +15,13 @@ class MetricWriter:
 
     def __init__(self, workdir: storage.Path):
         self.active = jax.process_index() == 0
+        self.log_path = workdir / "metrics.jsonl"
         if not self.active:
             return
         from tensorboardX import SummaryWriter  # no TensorFlow needed
 
         self.tb = SummaryWriter(str(workdir / "tb"))  # gs:// too (tensorboardX's writer)
-        self.log = storage.LineLog(workdir / "metrics.jsonl")
+        self.log = storage.LineLog(self.log_path)
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.active:

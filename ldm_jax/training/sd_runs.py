@@ -73,7 +73,10 @@ def run_config(model: sd.ImportedModel, workdir):
     c.diffusion.scale_by_std = False
     c.data.image_size = model.image_size
     c.data.resize = model.image_size
-    c.sampling.update(dict(sampler="ddim", steps=50, eta=0.0, guidance_scale=7.5))
+    # diffusers' grid: `--steps n` is n steps, as SD users expect.
+    c.sampling.update(
+        dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", guidance_scale=7.5)
+    )
     c.optim.base_learning_rate = 1.0e-4
     c.optim.scale_lr = False
     c.ema.decay = 0.9999
