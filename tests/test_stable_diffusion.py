@@ -86,20 +86,20 @@ def _export_diffusers(workdir, tmp_path):
 
 
 def _diffusers_pipeline(pipeline: str, folder, tokenizer: str):
-    """diffusers' `pipeline` class (DDIM) on our diffusers export in `folder`."""
+    """diffusers' `pipeline` class opened on our diffusers export in `folder` by its own
+    loader, as a diffusers user opens it; its tokenizer pads as `tokenizer` ('sd1' /
+    'sd2') and the vocabulary files beside tokenizer.json are the CLIP BPE's."""
     diffusers = pytest.importorskip("diffusers")
-    from transformers import CLIPTextModel
 
     from ldm_jax.models import clip_tokenizer
 
-    return getattr(diffusers, pipeline)(
-        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        tokenizer=clip_tokenizer.clip_tokenizer(tokenizer),
-        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder, safety_checker=None)
+    assert pipe.tokenizer.pad_token == clip_tokenizer.PAD_TOKENS[tokenizer]
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    bpe = clip_tokenizer.tokenizer_files()
+    for name in ("vocab.json", "merges.txt"):
+        assert (folder / "tokenizer" / name).read_text() == (bpe / name).read_text()
+    return pipe
 
 
 def _pipeline_agrees(run, folder, tokenizer: str, negatives=(None,)) -> None:

@@ -246,6 +246,20 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict, str]:
 
 
 # ----- the other way: ldm_jax configs -> diffusers config.json dicts -----------------------
+def pipeline_index() -> dict:
+    """model_index.json of an exported StableDiffusionPipeline folder: each component's
+    library and class, with no safety checker or feature extractor (a run has neither)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }  # fmt: skip
+
+
 def scheduler_config_to_diffusers(diffusion: Mapping[str, Any]) -> dict:
     """diffusers DDIMScheduler config of a diffusion config's schedule settings (an x0
     run's prediction_type is diffusers' 'sample')."""

@@ -198,6 +198,7 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Pat
     written in a local folder (transformers writes a tokenizer folder locally only) that
     then becomes `out` (`storage.staged`: renamed locally, uploaded to a remote `out`)."""
     files = {
+        "model_index.json": diffusers_config.pipeline_index(),
         "unet/config.json": diffusers_config.unet_config_to_diffusers(_unet_config(task)),
         "vae/config.json": diffusers_config.vae_config_to_diffusers(
             task.first_stage.model_cfg.to_dict(), float(config.diffusion.scale_factor)
@@ -210,8 +211,11 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Pat
         ),
     }
     with storage.staged(out) as folder:
-        # Vocabulary, merges and pad token, as transformers itself writes a tokenizer folder.
+        # The pad token and vocabulary as transformers itself writes a tokenizer folder
+        # (tokenizer.json), and the vocabulary and merges as separate files too, for the
+        # readers that take only those.
         task.cond.tokenizer.save_pretrained(os.fspath(folder / "tokenizer"))
+        _write_vocabulary_files(task.cond.tokenizer, folder / "tokenizer")
         for name, content in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -228,6 +232,14 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Pat
             folder / "text_encoder/model.safetensors",
             clip_weights.export_hf_clip(parts["text_encoder"], prefix="text_model."),
         )
+
+
+def _write_vocabulary_files(tokenizer, folder) -> None:
+    """vocab.json and merges.txt (with its version header) of a fast CLIP tokenizer."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 # The file each single-file layout writes, and the file written beside it.
