@@ -443,3 +443,61 @@ def test_negative_prompt_and_img2img_command(imported, imported_run, tmp_path, c
     with pytest.raises(SystemExit):
         sample.main([*common[:-1], f"--init_image={tmp_path / 'missing.png'}"])
     assert "missing.png not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_folders_own_tokenizer_comes_with_the_run(imported_diffusers, tmp_path):
+    """A diffusers folder whose tokenizer has a token added (textual inversion's way: one
+    more token, one more embedding row) imports with that tokenizer: the run tokenizes
+    and embeds prompts as transformers does on the folder. A standard folder's tokenizer
+    is the built-in CLIP BPE and is not copied."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import CLIPTextModel
+
+    from ldm_jax import import_sd
+    from ldm_jax.interop import stable_diffusion as sd
+    from ldm_jax.training.restore import load_run
+
+    assert sd.folder_tokenizer(imported_diffusers / "tokenizer", "sd1", 49408) is None
+    folder = tmp_path / "with_token"
+    shutil.copytree(imported_diffusers, folder)
+    tokenizer = sd.load_tokenizer_folder(folder / "tokenizer")
+    tokenizer.add_tokens(["<cat-toy>"])
+    for name in ("vocab.json", "merges.txt"):  # the added token lives in tokenizer.json
+        (folder / "tokenizer" / name).unlink()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    weights = folder / "text_encoder/model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("token_embedding.weight"))
+    new_row = np.random.default_rng(0).normal(size=(1, tensors[key].shape[1])).astype(np.float32)
+    tensors[key] = np.concatenate([tensors[key], new_row])
+    save_file(tensors, weights)
+    config_path = folder / "text_encoder/config.json"
+    text_config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(text_config | {"vocab_size": len(tokenizer)}))
+
+    workdir = tmp_path / "run"
+    import_sd.main([f"--diffusers={folder}", f"--workdir={workdir}", "--image_size=32"])
+    assert (workdir / "tokenizer/tokenizer.json").is_file()
+    config, task, state, _ = load_run(workdir)
+    prompts = ["a photo of a <cat-toy>", "a photo of a cat"]
+    inputs = task.cond.encode_prompts(prompts)
+    expected = tokenizer(prompts, padding="max_length", max_length=77).input_ids
+    np.testing.assert_array_equal(inputs["tokens"], expected)
+    assert 49408 in inputs["tokens"][0]
+    context, _ = task.cond.embed(state.params.get("cond"), task.cond.frozen_params(), inputs)
+    with torch.no_grad():
+        theirs = CLIPTextModel.from_pretrained(folder / "text_encoder")(
+            torch.tensor(np.asarray(expected))
+        ).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(context), theirs, atol=1e-4)
+
+    too_few = tmp_path / "mismatched"
+    shutil.copytree(folder, too_few)
+    (too_few / "text_encoder/config.json").write_text(json.dumps(text_config))
+    with pytest.raises(SystemExit) as exit_info:
+        import_sd.main([f"--diffusers={too_few}", f"--workdir={tmp_path / 'bad'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import tempfile
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +62,9 @@ class ImportedModel:
     scale_factor: float
     image_size: int  # pixels
     source: str
+    # The folder's own tokenizer where it is not the built-in CLIP BPE with `tokenizer`'s
+    # padding (e.g. tokens added by textual inversion); None where it is.
+    own_tokenizer: Any = None
 
 
 def kl_f8_vae() -> dict:
@@ -232,6 +238,7 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
         _read_json(root / "scheduler/scheduler_config.json")
     )
     pad = tokenizer_padding(root / "tokenizer")
+    own_tokenizer = folder_tokenizer(root / "tokenizer", pad, encoder.vocab_size)
     unet = unet_weights.unet_from_diffusers(
         tensor_files.load_state_dict(_weights_in(root / "unet")), _unet_model(unet_cfg)
     )
@@ -250,7 +257,48 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
         clip=clip_cfg, clip_params=text["params"], tokenizer=pad, parameterization=prediction,
         schedule=schedule, scale_factor=float(vae_json.get("scaling_factor", SCALE_FACTOR)),
         image_size=int(image_size or unet_cfg.get("image_size", 64) * factor), source=str(root),
+        own_tokenizer=own_tokenizer,
     )  # fmt: skip
+
+
+def load_tokenizer_folder(folder):
+    """transformers' CLIPTokenizer from a tokenizer folder's files (tokenizer.json, or
+    vocab.json and merges.txt), local or remote (its few small files copied locally)."""
+    from transformers import CLIPTokenizer
+
+    folder = storage.path(folder)
+    with tempfile.TemporaryDirectory() as local:
+        for item in folder.iterdir():
+            if item.is_file():
+                (pathlib.Path(local) / item.name).write_bytes(item.read_bytes())
+        return CLIPTokenizer.from_pretrained(local)
+
+
+def folder_tokenizer(folder, variant: str, vocab_size: int):
+    """The tokenizer of a diffusers `tokenizer/` folder when it differs from the built-in
+    CLIP BPE padded as `variant` (more tokens, other merges); None when it is the same or
+    the folder has no vocabulary (the built-in one is then used)."""
+    from ldm_jax.models import clip_tokenizer
+
+    folder = storage.path(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    own = load_tokenizer_folder(folder)
+    if _vocabulary(own) == _vocabulary(clip_tokenizer.clip_tokenizer(variant)):
+        return None
+    if len(own) > vocab_size:
+        raise UserError(
+            f"{folder} holds {len(own)} tokens but the text encoder embeds {vocab_size}: "
+            "the tokenizer and text_encoder/ are from different models."
+        )
+    return own
+
+
+def _vocabulary(tokenizer) -> tuple:
+    """What decides a tokenizer's ids: its tokens (added ones included) and BPE merges."""
+    from ldm_jax.models import clip_tokenizer
+
+    return sorted(tokenizer.get_vocab().items()), clip_tokenizer.bpe_tables(tokenizer)[1]
 
 
 def tokenizer_padding(folder) -> str:

@@ -123,6 +123,14 @@ def clip_tokenizer(variant: str = "sd1", cache_dir: str | pathlib.Path | None = 
     return tok
 
 
+def bpe_tables(tokenizer) -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges as "a b" lines) of a fast CLIP tokenizer's BPE model, as vocab.json
+    and merges.txt hold them (tokens added on top are not in the BPE model)."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    return model["vocab"], merges
+
+
 def tokenize_clip(
     tokenizer, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -280,7 +280,8 @@ class Conditioner:
 
 def _load_clip(cond_cfg):
     """(CLIPTextEncoder, {"params": host arrays}, tokenizer) from `cond.clip`,
-    `cond.tokenizer` ('sd1' / 'sd2' padding) and `cond.weights`."""
+    `cond.tokenizer` ('sd1' / 'sd2' padding) or `cond.tokenizer_dir` (an imported
+    folder's own tokenizer) and `cond.weights`."""
     from ldm_jax.interop import tensor_files
     from ldm_jax.models import clip, clip_tokenizer
 
@@ -292,5 +293,10 @@ def _load_clip(cond_cfg):
         )
     module = clip.CLIPTextEncoder(**dict(cond_cfg.clip))
     params = tensor_files.load_params(cond_cfg.weights)
-    tokenizer = clip_tokenizer.clip_tokenizer(cond_cfg.get("tokenizer", "sd1"))
+    if cond_cfg.get("tokenizer_dir"):
+        from ldm_jax.interop import stable_diffusion
+
+        tokenizer = stable_diffusion.load_tokenizer_folder(cond_cfg.tokenizer_dir)
+    else:
+        tokenizer = clip_tokenizer.clip_tokenizer(cond_cfg.get("tokenizer", "sd1"))
     return module, {"params": params}, tokenizer

@@ -31,6 +31,7 @@ from ldm_jax.data.pipeline import TrainIterator
 from ldm_jax.errors import UserError
 from ldm_jax.interop import clip_weights, diffusers_config, tensor_files, unet_weights, vae_weights
 from ldm_jax.interop import stable_diffusion as sd
+from ldm_jax.models import clip_tokenizer
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training.diffusion import DiffusionTask
 from ldm_jax.training.first_stage import FirstStage
@@ -38,6 +39,7 @@ from ldm_jax.training.restore import load_run
 
 FIRST_STAGE = "first_stage"  # the imported VAE's autoencoder workdir, inside the run
 TEXT_ENCODER = "text_encoder.safetensors"
+TOKENIZER = "tokenizer"  # a folder's own tokenizer, where it has one (see write_run)
 # UNet fields the diffusion task derives itself (from the first stage and the conditioner).
 _DERIVED = ("in_channels", "out_channels", "context_dim", "image_size", "num_classes")
 
@@ -67,6 +69,7 @@ def run_config(model: sd.ImportedModel, workdir):
         c.cond.clip = dict(model.clip)
         c.cond.tokenizer = model.tokenizer
         c.cond.weights = str(workdir / TEXT_ENCODER)
+        c.cond.tokenizer_dir = str(workdir / TOKENIZER) if model.own_tokenizer else ""
     c.diffusion.update(model.schedule)
     c.diffusion.parameterization = model.parameterization
     c.diffusion.scale_factor = model.scale_factor
@@ -124,6 +127,9 @@ def write_run(model: sd.ImportedModel, workdir) -> storage.Path:
     if not storage.is_remote(workdir):  # an object store has no folders to make
         workdir.mkdir(parents=True, exist_ok=True)
     config = run_config(model, workdir)
+    if model.own_tokenizer is not None:  # the folder's tokenizer, kept with the run
+        with storage.staged(workdir / TOKENIZER) as folder:
+            model.own_tokenizer.save_pretrained(os.fspath(folder))
     # The first stage: its params only (no discriminator or optimizer was released).
     FirstStage.save_params(workdir / FIRST_STAGE, model.vae_params, _first_stage_config(model))
     tensor_files.save_params(workdir / TEXT_ENCODER, model.clip_params)
@@ -236,9 +242,8 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Pat
 
 def _write_vocabulary_files(tokenizer, folder) -> None:
     """vocab.json and merges.txt (with its version header) of a fast CLIP tokenizer."""
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    vocab, merges = clip_tokenizer.bpe_tables(tokenizer)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
