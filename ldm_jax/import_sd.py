@@ -6,6 +6,9 @@
         --parameterization v --workdir runs/sd21
     # a diffusers folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)
     python -m ldm_jax.import_sd --diffusers path/to/stable-diffusion-v1-5 --workdir runs/sd15
+    # or its id on the Hugging Face hub (downloaded into the hub's cache; the only command
+    # that uses the network, and HF_HUB_OFFLINE=1 reads the cache only)
+    python -m ldm_jax.import_sd --diffusers ORG/NAME[@REVISION] --workdir runs/sd15
 
 then `python -m ldm_jax.sample --workdir runs/sd15 --prompts "..."`. The run holds the
 UNet at step 0 (EMA = weights), the VAE as its first stage and the CLIP text encoder: the
@@ -25,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="single-file checkpoint (.safetensors / .ckpt)")
-    src.add_argument("--diffusers", help="diffusers pipeline folder")
+    src.add_argument(
+        "--diffusers", help="diffusers pipeline folder, or its hub id ORG/NAME[@REVISION]"
+    )
     p.add_argument("--workdir", required=True, help="new run directory")
     p.add_argument("--parameterization", choices=("eps", "v"), default=None,
                    help="model output (required for SD 2.x single files without YAML)")  # fmt: skip
@@ -35,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
+    from ldm_jax.interop import hub
     from ldm_jax.interop import stable_diffusion as sd
     from ldm_jax.training import sd_runs
 
@@ -44,7 +50,8 @@ def run(args) -> str:
             original_config=args.original_config, image_size=args.image_size,
         )  # fmt: skip
     else:
-        model = sd.from_diffusers(args.diffusers, image_size=args.image_size)
+        folder = hub.fetch(args.diffusers) if hub.is_hub_id(args.diffusers) else args.diffusers
+        model = sd.from_diffusers(folder, image_size=args.image_size)
     workdir = sd_runs.write_run(model, args.workdir)
     print(
         f"imported {model.source} ({model.tokenizer.upper()}-style, {model.parameterization}, "

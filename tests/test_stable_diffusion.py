@@ -501,3 +501,36 @@ def test_a_folders_own_tokenizer_comes_with_the_run(imported_diffusers, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         import_sd.main([f"--diffusers={too_few}", f"--workdir={tmp_path / 'bad'}"])
     assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_hub_id_imports_from_the_hub_cache_offline(imported_diffusers, tmp_path, monkeypatch):
+    """`--diffusers ORG/NAME` reads a hub cache laid out as huggingface_hub lays it out
+    (refs/main -> snapshots/<commit>/...) with the hub unreachable (HF_HUB_OFFLINE), into
+    the same run as the folder itself; an id the cache lacks is one line and exit 2."""
+    import shutil
+
+    import huggingface_hub
+
+    from ldm_jax import import_sd
+    from ldm_jax.training.restore import load_run
+
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-sd"
+    shutil.copytree(imported_diffusers, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # "someone/tiny-sd" is no local folder here
+
+    import_sd.main(["--diffusers=someone/tiny-sd", f"--workdir={tmp_path / 'run'}",
+                    "--image_size=32"])  # fmt: skip
+    _, _, from_hub, _ = load_run(tmp_path / "run")
+    import_sd.main([f"--diffusers={imported_diffusers}", f"--workdir={tmp_path / 'direct'}",
+                    "--image_size=32"])  # fmt: skip
+    _, _, direct, _ = load_run(tmp_path / "direct")
+    assert_trees_identical(jax.device_get(from_hub.ema_params), jax.device_get(direct.ema_params))
+    with pytest.raises(SystemExit) as exit_info:
+        import_sd.main(["--diffusers=someone/not-cached", f"--workdir={tmp_path / 'bad'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
