@@ -77,7 +77,7 @@ MEANINGS = {
     "step; loss and gradients are checked for NaN/Inf at these steps.",
     "train.checkpoint_every": "Steps between checkpoints (> 0); the last step, and the step a "
     "preempted run stops at, are saved too.",
-    "train.keep_checkpoints": "How many of the latest checkpoints <workdir>/checkpoints keeps; "
+    "train.keep_checkpoints": "How many of the latest checkpoints `<workdir>/checkpoints` keeps; "
     "older ones are deleted.",
     "train.eval_every": "Steps between held-out evaluations (> 0), and at the last step: PSNR, "
     "SSIM and LPIPS of reconstructions (first stage) or the EMA UNet's loss (diffusion), on "
@@ -87,7 +87,7 @@ MEANINGS = {
     "train.eval_batch_size": "Global batch of the held-out evaluations and of the sample "
     "grids: a multiple of the mesh's batch shards.",
     "train.image_every": "Steps between sample grids (> 0), and at the last step, written to "
-    "<workdir>/images/ and to TensorBoard.",
+    "`<workdir>/images/` and to TensorBoard.",
     "train.num_image_rows": "How many images wide each sample grid is, despite the name: "
     "originals over their reconstructions (first stage); samples, at most one per class or "
     "per eval example for conditioned models (diffusion).",
@@ -106,7 +106,7 @@ MEANINGS = {
     "by; 0: the built-in table's for the device kind (no MFU for devices it lacks, e.g. "
     "CPUs).",
     "train.profile_steps": "(first, last): write a jax.profiler trace of those steps "
-    "(1-based, inclusive) to <workdir>/profile; (): none.",
+    "(1-based, inclusive) to `<workdir>/profile`; (): none.",
     "train.grad_accum_steps": "Diffusion: the batch's gradient as the mean over this many "
     "equal microbatches (must divide batch_size), to save memory. The first stage needs 1.",
     # ----- data ---------------------------------------------------------------------------
@@ -151,7 +151,7 @@ MEANINGS = {
     "included (ids are below it; >= 2).",
     "data.condition.map_key": "semantic: the dataset feature holding each example's class map.",
     "data.condition.rescaler.n_stages": "semantic: bilinear resizes by `multiplier` from the "
-    "class map to the latents; image_size x multiplier ** n_stages must be the latent size.",
+    "class map to the latents; `image_size * multiplier ** n_stages` must be the latent size.",
     "data.condition.rescaler.out_channels": "semantic: channels of the rescaled map that the "
     "UNet takes beside z_t (a trained 1x1 convolution from the one-hot classes).",
     "data.condition.rescaler.multiplier": "semantic: the scale of each resize stage.",
@@ -166,7 +166,7 @@ MEANINGS = {
     "model.type": "First stage: the regulariser, 'kl' (a Gaussian posterior) or 'vq' (a codebook).",
     "model.ch": "First stage: base channel count of the encoder and decoder.",
     "model.ch_mult": "First stage: channel multiplier of each level; the downsampling factor "
-    "f is 2 ** (len(ch_mult) - 1).",
+    "f is `2 ** (len(ch_mult) - 1)`.",
     "model.attn_resolutions": "First stage: feature-map sides, counted down from `resolution`, "
     "at which the levels get attention blocks; (): none beside the middle block's.",
     "model.attn_type": "First stage: 'vanilla' (self-attention) or 'none' (no attention "
@@ -186,7 +186,7 @@ MEANINGS = {
     # ----- model: the UNet ----------------------------------------------------------------
     "model.model_channels": "Diffusion: base channel count of the UNet.",
     "model.channel_mult": "Diffusion: channel multiplier of each level; image sides must be "
-    "multiples of f x 2 ** (len(channel_mult) - 1).",
+    "multiples of `f * 2 ** (len(channel_mult) - 1)`.",
     "model.attention_resolutions": "Diffusion: downsampling factors (1, 2, 4, ...) of the "
     "levels that get attention; the middle block always has it.",
     "model.num_heads": "Diffusion: attention heads; -1: from num_head_channels.",
@@ -234,7 +234,7 @@ MEANINGS = {
     # ----- optim --------------------------------------------------------------------------
     "optim.base_learning_rate": "Learning rate per example of the batch when scale_lr, else "
     "the learning rate itself.",
-    "optim.scale_lr": "Learning rate = batch_size x base_learning_rate (the reference's "
+    "optim.scale_lr": "Learning rate = `batch_size * base_learning_rate` (the reference's "
     "rule); False: base_learning_rate as it is.",
     "optim.b1": "First stage: Adam's beta1 (generator and discriminator).",
     "optim.b2": "First stage: Adam's beta2.",
@@ -288,14 +288,14 @@ MEANINGS = {
     "diffusion.scale_by_std": "A fresh run sets scale_factor to 1 / std of the first "
     "training batch's latents (overriding scale_factor).",
     # ----- ema ----------------------------------------------------------------------------
-    "ema.decay": "EMA decay of the UNet's weights, warmed up as min(decay, (1 + n) / (10 + "
-    "n)) at step n.",
+    "ema.decay": "EMA decay of the UNet's weights, warmed up as "
+    "`min(decay, (1 + n) / (10 + n))` at step n.",
     # ----- latent_cache -------------------------------------------------------------------
     "latent_cache.enabled": "Train from cached codes; needs data.crop 'center', data.flip "
     "False and no 'semantic' or layout condition.",
     "latent_cache.dir": "Where the cache lives; None: "
-    "<first_stage.workdir>/latent_cache/<dataset>-<split>-<size>-step<N>, shared by runs on "
-    "that first stage.",
+    "`<first_stage.workdir>/latent_cache/<dataset>-<split>-<size>-step<N>`, shared by runs "
+    "on that first stage.",
     "latent_cache.batch_size": "Global batch of the encoding pass: a multiple of the mesh's "
     "batch shards.",
     # ----- sampling -----------------------------------------------------------------------
@@ -322,7 +322,7 @@ MEANINGS = {
     "evaluation.guidance": "Guidance scale; None: sampling.guidance_scale.",
     "evaluation.seed": "Seed of the evaluation's samples.",
     "evaluation.batch_size": "Global batch of the evaluation; None: the largest multiple of "
-    "the mesh's batch shards up to 64.",
+    "the mesh's batch shards up to 64 (one row per shard where there are more).",
     "evaluation.resize": "Resize to Inception's 299 px: 'tf1_bilinear' (the TF FID code's) or "
     "'torch_bilinear' (pytorch-fid's).",
     "evaluation.inception": "FID Inception weights file; None: pytorch-fid's file in "
@@ -367,7 +367,7 @@ _PROBES = {
         model_channels=2,
         channel_mult=(1, 2),
         attention_resolutions=(2,),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -401,6 +401,7 @@ def format_default(parent: ml_collections.ConfigDict, key: str) -> str:
 
 
 def per_experiment_keys(stage: str) -> set[str]:
+    """The stage's keys whose defaults are placeholders for what every experiment sets."""
     defaults, probe = flatten(stage_defaults(stage)), flatten(_PROBES[stage]())
     return {key for key, value in defaults.items() if probe.get(key) != value}
 
@@ -456,9 +457,7 @@ def render_section(group: str, keys: list[str], by_stage) -> list[str]:
 
 def render_intro(keys: list[str], by_stage) -> list[str]:
     both = [k for k in keys if all(k in by_stage[s] for s in STAGES)]
-    marked = sorted(
-        {k for s in STAGES for k, v in by_stage[s].items() if v.endswith(PER_EXPERIMENT_MARK)}
-    )
+    marked = sorted(set().union(*(per_experiment_keys(s) for s in STAGES)))
     return [
         "# Config reference",
         "",
