@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Sample metrics during training (FID, IS, precision/recall, ...): see
     # ldm_jax.evaluation.runner; off unless `every` > 0 and `metrics` are named.
     c.evaluation = eval_settings.default_config()
+    # Beside TensorBoard and metrics.jsonl (training/outputs.py): a W&B project name logs
+    # there too ("" : off); WANDB_MODE=offline keeps the W&B run's files local.
+    c.logging = ml_collections.ConfigDict(dict(wandb="", wandb_entity=""))
     return c
 
 

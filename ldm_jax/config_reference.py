@@ -51,6 +51,8 @@ SECTIONS = {
     "evaluation": "Sample metrics (FID, IS, precision/recall, ...) during training, off "
     "unless `every` > 0 and `metrics` are named; `python -m ldm_jax.evaluate` takes the "
     "same settings as flags.",
+    "logging": "Where the scalars and image grids go besides TensorBoard and metrics.jsonl "
+    "(ldm_jax/training/outputs.py).",
     "mesh": "The device mesh (ldm_jax/parallel/mesh.py): data, FSDP and tensor parallelism "
     "within a slice, and the multipliers across the slices of a multi-slice TPU job.",
     "distributed": "Multi-process jobs (ldm_jax/parallel/distributed.py): where the "
@@ -309,6 +311,11 @@ MEANINGS = {
     # ----- evaluation ---------------------------------------------------------------------
     "evaluation.metrics": "Metric names, e.g. ('fid', 'is'); which apply depends on the run "
     "(ldm_jax/evaluation/metrics.py lists them). (): none.",
+    "logging.wandb": "A Weights & Biases project to log to as well (needs the wandb package); "
+    "'': off. The W&B run id is kept in <workdir>/wandb_id, so a resumed run goes on in the "
+    "same W&B run; WANDB_MODE=offline keeps its files in <workdir>/wandb.",
+    "logging.wandb_entity": "The W&B team or user the project belongs to; '': W&B's "
+    "default for the logged-in user.",
     "evaluation.every": "Training steps between evaluations; 0: never during training.",
     "evaluation.num_samples": "Samples drawn (diffusion), or held-out images restored or "
     "reconstructed.",

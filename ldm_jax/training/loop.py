@@ -200,7 +200,7 @@ class Trainer:
             self.step_fn = step_fn = step_lib.jit_train_step(
                 self.task, self.mesh, self.state_shardings
             )
-            writer = outputs.MetricWriter(self.workdir)
+            writer = outputs.MetricWriter(self.workdir, config)
             result = self._train(state, start, step_fn, train_iter, ckpt, writer)
             writer.close()
             train_iter.close()  # stops data.num_workers' processes now, not at collection
