@@ -75,20 +75,20 @@ MEANINGS = {
     # ----- train --------------------------------------------------------------------------
     "train.num_steps": "Training steps of the run; a resumed run goes on to this step. 0 only "
     "initialises and saves step 0.",
-    "train.log_every": "Steps between logged metrics and progress lines (> 0), and at the last "
-    "step; loss and gradients are checked for NaN/Inf at these steps.",
-    "train.checkpoint_every": "Steps between checkpoints (> 0); the last step, and the step a "
+    "train.log_every": "Steps between logged metrics and progress lines, and the last step (0: "
+    "the last step only); loss and gradients are checked for NaN/Inf at these steps.",
+    "train.checkpoint_every": "Steps between checkpoints (0: only at the end); the last step, and the step a "
     "preempted run stops at, are saved too.",
     "train.keep_checkpoints": "How many of the latest checkpoints `<workdir>/checkpoints` keeps; "
     "older ones are deleted.",
-    "train.eval_every": "Steps between held-out evaluations (> 0), and at the last step: PSNR, "
+    "train.eval_every": "Steps between held-out evaluations, and the last step (0: the last only): PSNR, "
     "SSIM and LPIPS of reconstructions (first stage) or the EMA UNet's loss (diffusion), on "
     "data.eval_split.",
     "train.eval_examples": "Examples of data.eval_split the held-out evaluations use (capped "
     "at the split's size).",
     "train.eval_batch_size": "Global batch of the held-out evaluations and of the sample "
     "grids: a multiple of the mesh's batch shards.",
-    "train.image_every": "Steps between sample grids (> 0), and at the last step, written to "
+    "train.image_every": "Steps between sample grids, and the last step (0: the last only), written to "
     "`<workdir>/images/` and to TensorBoard.",
     "train.num_image_rows": "How many images wide each sample grid is, despite the name: "
     "originals over their reconstructions (first stage); samples, at most one per class or "

@@ -213,7 +213,7 @@ class Trainer:
         every = [train_cfg.image_every, train_cfg.eval_every, train_cfg.checkpoint_every]
         if eval_cfg is not None and eval_cfg.every and eval_cfg.metrics:
             every.append(eval_cfg.every)
-        return any(done % n == 0 for n in every if n)
+        return any(_due(done, n) for n in every)
 
     def _train(self, state, start, step_fn, train_iter, ckpt, writer) -> dict:
         config, train_cfg = self.config, self.config.train
@@ -243,7 +243,7 @@ class Trainer:
             else:
                 clock.step_done()
             is_last = done == num_steps
-            if done % train_cfg.log_every == 0 or is_last:
+            if _due(done, train_cfg.log_every) or is_last:
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 skipped = self._check_finite(state, ckpt)
                 throughput = clock.interval() or throughput
@@ -253,10 +253,10 @@ class Trainer:
             periodic = self._periodic_work_due(done) and not is_last
             if periodic:  # images, evaluation, checkpoints: not step time
                 clock.pause(state)
-            if done % train_cfg.image_every == 0 or is_last:
+            if _due(done, train_cfg.image_every) or is_last:
                 image_path = self.save_samples(state, done, writer) or image_path
             eval_metrics = None
-            if done % train_cfg.eval_every == 0 or is_last:
+            if _due(done, train_cfg.eval_every) or is_last:
                 eval_metrics = self.evaluate(state)
                 writer.scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 if self.is_lead:
@@ -264,7 +264,7 @@ class Trainer:
             sample_metrics = self.run_evaluators(state, done, writer)
             if sample_metrics and self.is_lead:
                 bar.write(f"step {done}: " + _fmt(sample_metrics))
-            saving = done % train_cfg.checkpoint_every == 0 or is_last
+            saving = _due(done, train_cfg.checkpoint_every) or is_last
             preempted = not is_last and watch.should_stop(done)
             if saving or preempted:
                 self._check_finite(state, ckpt)
@@ -299,6 +299,12 @@ class Trainer:
         if self.is_lead:
             (self.workdir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+
+def _due(done: int, every: int) -> bool:
+    """Whether step `done` is one of every `every` steps (0: none; the last step's work is
+    done regardless)."""
+    return every > 0 and done % every == 0
 
 
 def _fmt(metrics: dict) -> str:
