@@ -304,9 +304,11 @@ def diffusion_config(
     )  # fmt: skip
     # spacing (DDIM, PLMS): "uniform" is the reference's grid (one step more when steps
     # does not divide the timesteps), "leading" diffusers' (exactly `steps` steps).
+    # grid_conditions: the class ids or prompts the training run's sample grids show, one
+    # column each and the same at every step (() : the first classes, or the eval batch's).
     c.sampling = ml_collections.ConfigDict(
         dict(sampler="ddim", steps=50, eta=0.0, spacing="uniform", guidance_scale=1.0,
-             grid_rows=2)
+             grid_rows=2, grid_conditions=())
     )  # fmt: skip
     c.data.image_size = 256
     c.data.resize = 256

@@ -308,6 +308,10 @@ MEANINGS = {
     "steps does not divide timesteps), 'leading' (diffusers': exactly `steps`) or 'quad'.",
     "sampling.guidance_scale": "Classifier-free guidance scale; 1.0: no guidance.",
     "sampling.grid_rows": "Rows of samples in each training sample grid (each row a fresh draw).",
+    "sampling.grid_conditions": "The class ids (class runs) or prompts (text runs) that "
+    "every training sample grid shows, one column each, captioned and the same at every "
+    "step, e.g. ('a red bus', 'two dogs'); (): the first classes, or the eval batch's "
+    "examples.",
     # ----- evaluation ---------------------------------------------------------------------
     "evaluation.metrics": "Metric names, e.g. ('fid', 'is'); which apply depends on the run "
     "(ldm_jax/evaluation/metrics.py lists them). (): none.",

@@ -175,6 +175,10 @@ def test_hybrid_conditioning_concat_and_crossattn(tiny_autoencoder_run):
     assert len(grid) == 2 + config.sampling.grid_rows
     assert all(row.shape == (4, 32, 32, 3) and row.dtype == np.uint8 for row in grid)
     np.testing.assert_array_equal(grid[1][:, ::4, ::4], grid[1][:, 3::4, 3::4])
+    assert task.grid_captions(batch, 4) == ["0", "1", "2", "3"]
+    # Fixed grid conditions: those classes, one column each, captioned with their ids.
+    config.sampling.grid_conditions = (3, 1)
+    assert task.grid_columns(batch, 4) == 2 and task.grid_captions(batch, 4) == ["3", "1"]
 
 
 def test_evaluators_in_the_loop_and_the_command_agree(diffusion_run, data_dir, tmp_path):

@@ -17,8 +17,11 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
-def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Rows of [N, H, W, 3] uint8 images -> one [R*(H+pad)+pad, N*(W+pad)+pad, 3] grid."""
+def image_grid(rows: list[np.ndarray], pad: int = 2, upscale: int = 1) -> np.ndarray:
+    """Rows of [N, H, W, 3] uint8 images -> one [R*(H+pad)+pad, N*(W+pad)+pad, 3] grid,
+    each image `upscale` times larger (nearest) first."""
+    if upscale > 1:
+        rows = [np.repeat(np.repeat(r, upscale, axis=1), upscale, axis=2) for r in rows]
     n, h, w, c = rows[0].shape
     grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
     for r, row in enumerate(rows):
@@ -26,6 +29,46 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             grid[y : y + h, x : x + w] = img
     return grid
+
+
+def caption_columns(grid: np.ndarray, captions: list[str], column_width: int,
+                    pad: int = 2) -> np.ndarray:  # fmt: skip
+    """`grid` (from image_grid, columns `column_width` wide) with a white band below in
+    which each column's caption is written, wrapped to the column (at most 3 lines)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    line_h, max_lines = 13, 3
+    wrapped = [_wrap(c, font, column_width - 2, max_lines) for c in captions]
+    band_h = pad + line_h * max(len(w) for w in wrapped) + pad
+    out = Image.new("RGB", (grid.shape[1], grid.shape[0] + band_h), "white")
+    out.paste(Image.fromarray(grid), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, lines in enumerate(wrapped):
+        x = pad + i * (column_width + pad)
+        for j, line in enumerate(lines):
+            draw.text((x + 1, grid.shape[0] + j * line_h), line, fill=(20, 20, 20), font=font)
+    return np.asarray(out)
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """Words of `text` in lines no wider than `width` pixels; the last line kept gets an
+    ellipsis where words are left over."""
+    lines, line = [], ""
+    for word in text.split() or [""]:
+        trial = f"{line} {word}".strip()
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1] + " …"
+    while lines and font.getlength(lines[-1]) > width and len(lines[-1]) > 1:  # one long word
+        lines[-1] = lines[-1][:-2] + "…"
+    return lines
 
 
 def load_image(path, size: int) -> np.ndarray:

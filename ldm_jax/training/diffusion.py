@@ -459,26 +459,57 @@ class DiffusionTask(Task):
         posterior sample for KL first stages, as training and the reference's img2img)."""
         return self.first_stage.encode(frozen["first_stage"], images, rng) * state.scale_factor
 
+    def _fixed_grid_conditions(self) -> list:
+        """`sampling.grid_conditions`: the class ids (class runs) or prompts (text runs)
+        every sample grid shows, one per column, the same at every step; () for none."""
+        fixed = list(self.config.sampling.get("grid_conditions", ()) or ())
+        if fixed and not (self.cond.kind == "class" or self.cond.is_text):
+            raise UserError(
+                "config.sampling.grid_conditions takes class ids (class runs) or prompts "
+                f"(text runs); this run's condition is {self.cond.kind!r}: leave it empty."
+            )
+        return fixed
+
     def grid_columns(self, batch: dict, rows: int) -> int:
-        """A sample grid's columns: one per class (up to `rows`) for class models, one
-        per eval example for text, layout and dense-condition models, `rows` otherwise."""
+        """A sample grid's columns: one per fixed grid condition where the config names
+        them; else one per class (up to `rows`) for class models, one per eval example
+        for text, layout and dense-condition models, `rows` otherwise."""
+        if fixed := self._fixed_grid_conditions():
+            return len(fixed)
         if self.cond.kind == "class":
             return min(rows, self.cond.n_classes)
         if self.from_condition or self.cond.per_example:
             return min(rows, batch["image"].shape[0])
         return rows
 
+    def grid_captions(self, batch, rows: int) -> list[str] | None:
+        """The condition under each grid column: the class id, or the prompt (the eval
+        batch's tokens decoded where no prompts are fixed)."""
+        cols = self.grid_columns(batch, rows)
+        if fixed := self._fixed_grid_conditions():
+            return [str(c) for c in fixed]
+        if self.cond.kind == "class":
+            return [str(c) for c in range(cols)]
+        if self.cond.is_text:
+            tokens = MeshRun.all_rows(batch["tokens"])[:cols]
+            return [self.cond.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return None
+
     def sample_grid(self, state, batch, rows: int, frozen) -> list:
         """Rows of samples, one column per condition (`grid_columns`); text, layout and
-        dense models show the eval batch's images as the first row, layout and dense
-        models their condition as pictures (`condition_images`) as the second."""
+        dense models show the eval batch's images as the first row (unless the prompts
+        are fixed), layout and dense models their condition as pictures
+        (`condition_images`) as the second."""
         cols = self.grid_columns(batch, rows)
+        fixed = self._fixed_grid_conditions()
         if self.cond.kind == "class":
-            inputs = self.cond.inputs(range(cols))
+            inputs = self.cond.inputs(fixed or range(cols))
+        elif fixed:
+            inputs = self.cond.inputs(fixed)
         else:  # the eval batch's tokens (text) are device inputs already
             inputs = _cond_inputs(batch)
         grid = []
-        if self.from_condition or self.cond.per_example:
+        if (self.from_condition or self.cond.per_example) and not fixed:
             grid.append(images_lib.to_uint8(MeshRun.all_rows(batch["image"])[:cols]))
         if self.cond.kind == "layout":
             size = batch["image"].shape[1]

@@ -174,10 +174,13 @@ class Trainer:
         grid_rows = self.task.sample_grid(state, batch, train_cfg.num_image_rows, self.frozen)
         if not self.is_lead:
             return None
-        grid = images_lib.image_grid(grid_rows)
+        upscale = min(max(1, 256 // grid_rows[0].shape[1]), 4)
+        grid = images_lib.image_grid(grid_rows, upscale=upscale)
+        captions = self.task.grid_captions(batch, train_cfg.num_image_rows)
+        if captions:
+            grid = images_lib.caption_columns(grid, captions, grid_rows[0].shape[2] * upscale)
         path = self.workdir / "images" / f"{self.task.stage}_{step:07d}.png"
-        upscale = max(1, 256 // grid_rows[0].shape[1])
-        images_lib.save_png(path, grid, upscale=min(upscale, 4))
+        images_lib.save_png(path, grid)
         writer.image(step, "samples", grid)
         return path
 

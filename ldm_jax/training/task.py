@@ -11,6 +11,7 @@ the optional hooks default to doing nothing, so the loop never probes a task.
                 initialize_from_batch(state, batch, frozen, rng) -> state (fresh runs)
     frozen      frozen_params() -> host pytree of weights the steps read, never train
     outputs     sample_grid(state, batch, rows, frozen) -> rows of uint8 images
+                grid_captions(batch, rows) -> a caption per grid column, or None
     checks      validate(): bad settings raise UserError before any work
 """
 
@@ -49,6 +50,9 @@ class Task:
         raise NotImplementedError
 
     # ----- optional hooks ------------------------------------------------------------------
+    def grid_captions(self, batch, rows: int) -> list[str] | None:
+        return None
+
     def validate(self) -> None:
         """Raises UserError for settings the task cannot train with. Subclasses add
         their own checks and call this one."""
