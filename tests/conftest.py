@@ -7,8 +7,9 @@ want one device build a mesh over `jax.devices()[:1]` explicitly.
 import os
 import pathlib
 
-# Level 0 halves XLA:CPU compile time of the toy models; their run time does not matter.
-TEST_XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+from xla_flags import FAST_COMPILE  # an import-free module
+
+TEST_XLA_FLAGS = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

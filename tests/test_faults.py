@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from toy import AE_CONFIG, ROOT, run_module
+from xla_flags import FAST_COMPILE
 
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
@@ -116,7 +117,7 @@ def test_random_sigkills_always_resume_from_a_committed_step(data_dir, tmp_path)
         "--config.train.keep_checkpoints=2", "--config.train.image_every=1000",
         "--config.train.eval_every=1000",
     ]  # fmt: skip
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     rng = random.Random(1234)
     planned = int(os.environ.get("LDM_JAX_TEST_KILLS", "4"))  # more for a longer drill
     kills, resumes, last_seen = 0, 0, -1

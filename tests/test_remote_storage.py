@@ -21,6 +21,7 @@ import jax
 import pytest
 from helpers import assert_trees_identical
 from toy import AE_CONFIG, LDM_CONFIG, ROOT, run_launched, run_module, write_tiny_sd1
+from xla_flags import FAST_COMPILE
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses
 
@@ -116,7 +117,7 @@ def _kill_after_checkpoint(cmd, fs, key, step, cwd, env):
 
 def test_a_run_trains_resumes_samples_and_evaluates_in_the_bucket(gcs, data_dir, tmp_path):
     fs, url = gcs["fs"], gcs["url"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
     ae = f"{url}/ae"
 
     def train(steps):

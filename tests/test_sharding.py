@@ -13,7 +13,9 @@ from toy import tiny_autoencoder_config, tiny_diffusion_config
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import step as step_lib
 
-SPLITS = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]
+# Data, FSDP and tensor parallelism alone where it matters most, then all three at once
+# (which also covers data x FSDP).
+SPLITS = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 STEPS = 3
 
 
@@ -115,7 +117,7 @@ def _compare(got, want, lr, where):
 
 
 @pytest.mark.parametrize("stage", ["ae", "ldm"])
-def test_every_split_of_eight_devices_trains_like_one(tasks, one_device, stage):
+def test_splits_of_eight_devices_train_like_one(tasks, one_device, stage):
     """Three steps on each mesh, each from the one-device state of that step, equal the
     one-device steps."""
     task, frozen = tasks[stage]

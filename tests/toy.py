@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+from xla_flags import FAST_COMPILE
+
 from ldm_jax.config_loader import load_config
 
 
@@ -70,7 +72,7 @@ def run_module(module, *args, check=True, devices=1):
     """`python -m module args` from the project root on `devices` fake CPU devices (one by
     default), as a user runs it."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # fast compiles
+    env["XLA_FLAGS"] = FAST_COMPILE
     if devices > 1:
         env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, "-m", module, *map(str, args)]
@@ -98,7 +100,7 @@ def launch_command(num_processes, devices_per_process, module, *args):
 
 def launch_env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE
     return env
 
 
