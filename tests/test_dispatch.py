@@ -26,3 +26,11 @@ def test_the_default_wait_takes_jax_arrays():
     for step in range(3):
         window.push({"loss": jnp.float32(step) * 2})
     assert len(window._queued) == 1
+
+
+def test_compiling_together_is_for_cpu_jobs_of_several_processes_only():
+    class Untouchable:
+        def lower(self, *args):
+            raise AssertionError("a one-process run compiles at its first call, as before")
+
+    dispatch.compile_together(Untouchable(), ())  # this process is a one-process job

@@ -31,3 +31,22 @@ class DispatchWindow:
         self._queued.append(result)
         while len(self._queued) > self.size:
             self._wait(self._queued.popleft())
+
+
+def compile_together(fn, args, barrier: str = "ldm_jax_first_step") -> None:
+    """On XLA:CPU across processes: compile `fn` for `args` before its first call, then
+    wait for every process at a coordination-service barrier (up to 30 min).
+
+    Gloo sets up a group's connections at its first collective and waits only 30 s for
+    the other processes to arrive; processes sharing a machine's cores can finish a cold
+    compile further apart than that (seen with 4 processes on 2 cores: "Gloo context
+    initialization failed ... GetKeyValue() timed out"). The call after the barrier finds
+    the program in the persistent compilation cache. Accelerators (NCCL, TPU ICI) and
+    single-process runs skip this.
+    """
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return
+    from jax._src import distributed
+
+    fn.lower(*args).compile()
+    distributed.global_state.client.wait_at_barrier(barrier, 30 * 60 * 1000)

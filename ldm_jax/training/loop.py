@@ -234,6 +234,8 @@ class Trainer:
             clock.input_started()
             batch = self._device_batch(next(train_iter))
             clock.input_done()
+            if step == start:
+                dispatch.compile_together(step_fn, (state, batch, self.step_rng, self.frozen))
             profiler.before_step(step + 1)
             state, metrics = step_fn(state, batch, self.step_rng, self.frozen)
             done = step + 1
