@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import tempfile
 from collections.abc import Mapping
@@ -267,6 +268,8 @@ def load_tokenizer_folder(folder):
     from transformers import CLIPTokenizer
 
     folder = storage.path(folder)
+    if not storage.is_remote(folder):
+        return CLIPTokenizer.from_pretrained(os.fspath(folder))
     with tempfile.TemporaryDirectory() as local:
         for item in folder.iterdir():
             if item.is_file():

@@ -96,8 +96,8 @@ def tokenizer_files(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path
         return path
     merges = read_merges()
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _write_atomic(path / "vocab.json", json.dumps(build_vocab(merges), ensure_ascii=False))
+    for name, text in bpe_file_texts(build_vocab(merges), merges).items():
+        _write_atomic(path / name, text)
     return path
 
 
@@ -129,6 +129,14 @@ def bpe_tables(tokenizer) -> tuple[dict[str, int], list[str]]:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     return model["vocab"], merges
+
+
+def bpe_file_texts(vocab: dict[str, int], merges: list[str]) -> dict[str, str]:
+    """{file name: text} of the HF layout's vocab.json and merges.txt (with its header)."""
+    return {
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+    }
 
 
 def tokenize_clip(

@@ -502,10 +502,8 @@ class DiffusionTask(Task):
         (`condition_images`) as the second."""
         cols = self.grid_columns(batch, rows)
         fixed = self._fixed_grid_conditions()
-        if self.cond.kind == "class":
+        if fixed or self.cond.kind == "class":
             inputs = self.cond.inputs(fixed or range(cols))
-        elif fixed:
-            inputs = self.cond.inputs(fixed)
         else:  # the eval batch's tokens (text) are device inputs already
             inputs = _cond_inputs(batch)
         grid = []

@@ -20,10 +20,9 @@ class Progress:
     def __init__(self, total: int, initial: int, *, lead: bool, show: bool, stream=None):
         self.stream = sys.stderr if stream is None else stream  # where tqdm writes
         self.total, self.lead, self.show = total, lead, lead and show
-        self.interactive = self.show and _is_terminal(self.stream)
         self._start, self._t0 = initial, time.perf_counter()
         self.bar = None
-        if self.interactive:
+        if self.show and _is_terminal(self.stream):
             self.bar = tqdm(
                 total=total, initial=initial, unit="step", dynamic_ncols=True, file=self.stream
             )

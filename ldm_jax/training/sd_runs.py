@@ -242,9 +242,8 @@ def _export_diffusers(config, task: DiffusionTask, parts: dict, out: storage.Pat
 
 def _write_vocabulary_files(tokenizer, folder) -> None:
     """vocab.json and merges.txt (with its version header) of a fast CLIP tokenizer."""
-    vocab, merges = clip_tokenizer.bpe_tables(tokenizer)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    for name, text in clip_tokenizer.bpe_file_texts(*clip_tokenizer.bpe_tables(tokenizer)).items():
+        (folder / name).write_text(text)
 
 
 # The file each single-file layout writes, and the file written beside it.
