@@ -38,7 +38,7 @@ class Layout(NamedTuple):
     boxes: np.ndarray  # float32 [n, 4] (x0, y0, x1, y1) in [0, 1]
 
     @staticmethod
-    def empty() -> "Layout":
+    def empty() -> Layout:
         return Layout(np.zeros((0,), np.int64), np.zeros((0, 4), np.float32))
 
     def __len__(self) -> int:
