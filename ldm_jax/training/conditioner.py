@@ -142,7 +142,11 @@ class Conditioner:
             return list(np.asarray(batch["label"]))
         if self.is_text:
             if "caption" not in batch:
-                raise UserError(f"config.cond.kind={self.kind!r} but the dataset has no captions.")
+                raise UserError(
+                    f"config.cond.kind={self.kind!r} but the dataset has no captions: set "
+                    "--config.data.caption_key to its caption feature (a folder dataset's "
+                    "is 'caption')."
+                )
             return list(batch["caption"])
         if self.kind == "layout":
             if "layout" not in batch:
