@@ -75,9 +75,15 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    # Not runtime.run_command: this compiles nothing, and tests call it in-process, where
+    # its jax settings (the compilation cache's) would change the test session's.
     from ldm_jax import runtime
 
-    return runtime.run_command(run, build_parser(), argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        runtime.fail(str(e))
 
 
 if __name__ == "__main__":
