@@ -135,12 +135,24 @@ def write_run(model: sd.ImportedModel, workdir) -> storage.Path:
     tensor_files.save_params(workdir / TEXT_ENCODER, model.clip_params)
     task = DiffusionTask(config)
     _check_unet(task, model.unet_params)
-    state = task.state_from_params(model.unet_params, scale_factor=model.scale_factor)
+    write_weights_checkpoint(workdir, config, task, {"unet": model.unet_params},
+                             model.scale_factor)  # fmt: skip
+    return workdir
+
+
+def write_weights_checkpoint(workdir, config, task: DiffusionTask, params: dict,
+                             scale_factor: float) -> None:  # fmt: skip
+    """`<workdir>/checkpoints/0` of a diffusion run whose weights were made elsewhere (an
+    import): `params` is the train state's params tree ({'unet', and 'cond' / 'dense'
+    where the run trains them}); `config` and `task` are the run's."""
+    params = {"cond": {}, **params}
+    state = task.state_from_params(
+        params["unet"], params["cond"], scale_factor=scale_factor, dense_params=params.get("dense")
+    )
     data_state = TrainIterator.initial_state(config.seed, config.batch_size)
-    run = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
+    run = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", keep=3, async_save=False)
     run.save(0, state, data_state, config, force=True)
     run.close()
-    return workdir
 
 
 # ----- export: a run in a release layout ---------------------------------------------------
