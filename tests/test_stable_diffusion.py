@@ -64,7 +64,7 @@ def imported_diffusers(imported, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_import_gives_a_run_with_the_files_weights(sd_file, imported_run):
+def test_import_gives_a_run_with_the_files_weights(sd_file, imported, imported_run):
     _, _, params = sd_file
     config, task, state, step = imported_run
     assert step == 0 and config.cond.kind == "clip" and config.diffusion.parameterization == "eps"
@@ -74,6 +74,21 @@ def test_import_gives_a_run_with_the_files_weights(sd_file, imported_run):
     assert_trees_identical(jax.device_get(task.first_stage.load_params()), params["vae"])
     assert_trees_identical(task.cond.frozen_params()["text_encoder"], params["clip"])
     assert float(state.scale_factor) == pytest.approx(0.18215)
+    # The import wrote the UNet's weights once and no optimizer moments; opening the run
+    # made the moments (fresh AdamW) and the EMA (the weights).
+    from ldm_jax.training.checkpoint import WEIGHTS_ONLY, Checkpointer
+
+    ckpt = Checkpointer(imported / "checkpoints", keep=1, read_only=True)
+    assert ckpt.read_metadata(0)[WEIGHTS_ONLY] == ["params", "scale_factor"]
+    ckpt.close()
+    have, fresh = jax.device_get(state.opt_state), task.tx.init(state.params)
+    assert jax.tree.structure(have) == jax.tree.structure(fresh)
+    for x, y in zip(jax.tree.leaves(have), jax.tree.leaves(fresh)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    unet_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params["unet"]))
+    files = (imported / "checkpoints/0/state").rglob("*")
+    written = sum(f.stat().st_size for f in files if f.is_file())
+    assert written < 1.1 * unet_bytes  # once, not twice (weights and EMA), nor the moments
 
 
 def _export_diffusers(workdir, tmp_path):

@@ -174,7 +174,7 @@ def convert_hf_clip(
         prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
 
     def entries():
-        for name, value in state.items():
+        for name in state:  # a tensor is read only once it is known to be wanted
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
@@ -182,7 +182,7 @@ def convert_hf_clip(
                 continue
             path = _hf_path(rest, name, module)
             if path is not None:
-                yield name, path, value
+                yield name, path, state[name]
 
     return _assemble(entries(), module, "transformers CLIP")
 
@@ -233,12 +233,12 @@ def convert_open_clip(
     """
 
     def entries():
-        for name, value in state.items():
+        for name in state:  # a tensor is read only once it is known to be wanted
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
             if not rest.startswith(_OPEN_CLIP_IGNORED):
-                yield from _open_clip_entries(name, rest, value, module)
+                yield from _open_clip_entries(name, rest, state[name], module)
 
     return _assemble(entries(), module, "OpenCLIP")
 

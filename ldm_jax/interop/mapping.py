@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.errors import UserError
+from ldm_jax.interop import tensor_files
 
 Path = tuple[str, ...]
 
@@ -137,8 +138,9 @@ def import_state(
         if name in by_name:
             e = by_name[name]
             want = torch_shape(e, abstract[e.path].shape)
-            if tuple(np.shape(state[name])) != want:
-                wrong.append((e, tuple(np.shape(state[name])), want))
+            got = tensor_files.shape_of(state, name)
+            if got != want:
+                wrong.append((e, got, want))
     problems = []
     if wrong:
         e, got, want = wrong[0]
@@ -154,7 +156,7 @@ def import_state(
     if problems:
         raise UserError(f"{what} weights do not match the model: {'; '.join(problems)}. {hint}")
     flat = {}
-    for e in table:
+    for e in table:  # one tensor of `state` read at a time (a file's are read on access)
         value = LAYOUTS[e.layout][1](np.asarray(state[e.name]))
         flat[e.path] = np.asarray(value, dtype=abstract[e.path].dtype)  # no copy if same dtype
     return {"params": traverse_util.unflatten_dict(flat)}

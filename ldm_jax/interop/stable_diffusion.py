@@ -77,19 +77,20 @@ def kl_f8_vae() -> dict:
 # ----- architecture -----------------------------------------------------------------------
 def _clip_fields(state: Mapping[str, np.ndarray], variant: str) -> dict:
     """CLIPTextEncoder fields from the text tower's tensors in a single file."""
+    shape = lambda name: tensor_files.shape_of(state, name)  # noqa: E731 - read no tensor
     if variant == "sd1":
         p = SD1_CLIP_PREFIX
-        vocab, width = state[p + "embeddings.token_embedding.weight"].shape
-        context = state[p + "embeddings.position_embedding.weight"].shape[0]
-        mlp = state[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        vocab, width = shape(p + "embeddings.token_embedding.weight")
+        context = shape(p + "embeddings.position_embedding.weight")[0]
+        mlp = shape(p + "encoder.layers.0.mlp.fc1.weight")[0]
         layer_keys = [k for k in state if k.startswith(p + "encoder.layers.")]
         layers = 1 + max(int(k[len(p + "encoder.layers.") :].split(".")[0]) for k in layer_keys)
         act, output = "quick_gelu", "last"
     else:
         p = SD2_CLIP_PREFIX
-        vocab, width = state[p + "token_embedding.weight"].shape
-        context = state[p + "positional_embedding"].shape[0]
-        mlp = state[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        vocab, width = shape(p + "token_embedding.weight")
+        context = shape(p + "positional_embedding")[0]
+        mlp = shape(p + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         block_keys = [k for k in state if k.startswith(p + "transformer.resblocks.")]
         start = len(p + "transformer.resblocks.")
         layers = 1 + max(int(k[start:].split(".")[0]) for k in block_keys)
@@ -163,10 +164,14 @@ def from_single_file(
     """An SD 1.x / 2.x single-file checkpoint -> ImportedModel. SD 2.x exists as eps
     (512-base) and v (768-v) models that the weights cannot tell apart: without the
     original YAML, `parameterization` is required for them."""
+    with tensor_files.open_state_dict(path) as state:  # tensors read as they are converted
+        return _from_single_state(state, path, parameterization, original_config, image_size)
+
+
+def _from_single_state(state, path, parameterization, original_config, image_size):
     from ldm_jax.interop import clip_weights, unet_weights, vae_weights
     from ldm_jax.models import clip, unet_configs
 
-    state = tensor_files.load_state_dict(path)
     if any(k.startswith(SD2_CLIP_PREFIX + "transformer.") for k in state):
         variant = "sd2"
     elif any(k.startswith(SD1_CLIP_PREFIX) for k in state):
@@ -240,15 +245,13 @@ def from_diffusers(path, *, image_size: int | None = None) -> ImportedModel:
     )
     pad = tokenizer_padding(root / "tokenizer")
     own_tokenizer = folder_tokenizer(root / "tokenizer", pad, encoder.vocab_size)
-    unet = unet_weights.unet_from_diffusers(
-        tensor_files.load_state_dict(_weights_in(root / "unet")), _unet_model(unet_cfg)
-    )
-    vae = vae_weights.vae_from_diffusers(
-        tensor_files.load_state_dict(_weights_in(root / "vae")), _vae_model(vae_cfg)
-    )
-    text = clip_weights.convert_hf_clip(
-        tensor_files.load_state_dict(_weights_in(root / "text_encoder")), encoder
-    )
+    # Each file's tensors are read one at a time as they are converted.
+    with tensor_files.open_state_dict(_weights_in(root / "unet")) as state:
+        unet = unet_weights.unet_from_diffusers(state, _unet_model(unet_cfg))
+    with tensor_files.open_state_dict(_weights_in(root / "vae")) as state:
+        vae = vae_weights.vae_from_diffusers(state, _vae_model(vae_cfg))
+    with tensor_files.open_state_dict(_weights_in(root / "text_encoder")) as state:
+        text = clip_weights.convert_hf_clip(state, encoder)
     clip_cfg = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
                 if f.name in ("width", "num_layers", "num_heads", "mlp_dim", "vocab_size",
                               "context_length", "activation", "output", "layer_norm_eps")}  # fmt: skip

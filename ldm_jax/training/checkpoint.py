@@ -4,6 +4,11 @@ Each checkpoint holds three items: `state` (the sharded train-state pytree), `da
 iterator position, JSON) and `meta` (stage and model config, JSON). Before restoring a
 state we compare `meta` with the current config, so a workdir that belongs to another
 architecture is reported, never silently overwritten or restarted.
+
+A weights checkpoint (`save_weights`: what an import writes) holds only some fields of
+the state, its weights; `meta[WEIGHTS_ONLY]` names them. Restoring one reads those fields
+and has the task make the rest (optimizer moments, EMA, counters) from them, so that an
+import neither holds nor writes gigabytes of zeros and copies.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def metadata(config) -> dict:
     return {**architecture(config), "config": json.loads(config.to_json())}
 
 
+WEIGHTS_ONLY = "weights_only"  # meta key: the state fields a weights checkpoint holds
 TRASH = "_deleted"  # a local run's retired steps, renamed here before they are removed
 
 
@@ -116,6 +122,17 @@ class Checkpointer:
         )
         return self.manager.save(step, args=args, force=force)
 
+    def save_weights(self, step: int, weights: dict, data_state: dict, config) -> None:
+        """A checkpoint of the state fields in `weights` alone ({field: value}, e.g. a
+        diffusion state's params and scale_factor); `restore` makes the others."""
+        meta = {**metadata(config), WEIGHTS_ONLY: sorted(weights)}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(weights),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, force=True)
+
     def check_compatible(self, step: int, config) -> None:
         path = self.directory / str(step)
         try:
@@ -127,7 +144,8 @@ class Checkpointer:
                 "choose another --workdir."
             ) from e
         want = architecture(config)
-        meta = _without_runtime_keys({k: v for k, v in meta.items() if k != "config"})
+        meta = {k: v for k, v in meta.items() if k not in ("config", WEIGHTS_ONLY)}
+        meta = _without_runtime_keys(meta)
         if meta != want:
             diffs = _diff(meta, want)
             raise CheckpointMismatchError(
@@ -136,14 +154,20 @@ class Checkpointer:
                 "config to resume it; nothing in the workdir was changed."
             )
 
-    def restore(self, step: int, abstract_state):
-        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    def restore(self, step: int, abstract_state, complete=None):
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+        A weights checkpoint restores its fields of `abstract_state` only, and
+        `complete({field: value})` makes the whole state from them."""
         path = self.directory / str(step)
         try:
+            fields = self.read_metadata(step).get(WEIGHTS_ONLY)
+            target = abstract_state
+            if fields is not None:
+                target = {name: getattr(abstract_state, name) for name in fields}
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
                 ),
             )
         except Exception as e:  # noqa: BLE001
@@ -152,7 +176,11 @@ class Checkpointer:
                 "changed: move it aside (or delete it) to resume from an earlier step, or "
                 "choose another --workdir."
             ) from e
-        return out["state"], out["data"]
+        if fields is None:
+            return out["state"], out["data"]
+        if complete is None:
+            raise UserError(f"checkpoint {path} holds weights only; this reader needs a full state")
+        return complete(out["state"]), out["data"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

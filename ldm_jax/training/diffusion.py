@@ -167,6 +167,16 @@ class DiffusionTask(Task):
             skipped=jnp.zeros((), jnp.int32),
         )
 
+    def state_from_weights(self, weights: dict):
+        """The step-0 state of an imported run's weights checkpoint ({'params',
+        'scale_factor'}): EMA = the UNet, fresh AdamW moments (made here, when the run is
+        opened, not stored by the import)."""
+        params = weights["params"]
+        return self.state_from_params(
+            params["unet"], params.get("cond") or None, weights["scale_factor"],
+            params.get("dense"),
+        )  # fmt: skip
+
     def initialize_from_batch(self, state, batch, frozen, rng):
         """scale_by_std: scale_factor = 1 / std(z) of the first training batch (fresh runs
         only; a restored state keeps the value it was trained with)."""

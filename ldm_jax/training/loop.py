@@ -113,7 +113,10 @@ class Trainer:
             return state, 0
         ckpt.check_compatible(latest, self.config)
         abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), self.state_shardings)
-        state, data_state = ckpt.restore(latest, abstract)
+        complete = jax.jit(
+            self.task.state_from_weights, out_shardings=self.state_shardings, donate_argnums=0
+        )
+        state, data_state = ckpt.restore(latest, abstract, complete)
         train_iter.set_state(data_state)
         if self.is_lead:
             print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", flush=True)

@@ -61,10 +61,12 @@ def _restore(ckpt, step: int, task, mesh_run: MeshRun | None):
     process's default device without a mesh run."""
     boxed = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
     abstract = nn.unbox(boxed)
+    shardings = None
     if mesh_run is not None:
         shardings = mesh_lib.logical_to_sharding(boxed, mesh_run.mesh)
         abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    return ckpt.restore(step, abstract)[0]
+    complete = jax.jit(task.state_from_weights, out_shardings=shardings, donate_argnums=0)
+    return ckpt.restore(step, abstract, complete)[0]
 
 
 def _open_task(workdir, step: int, stage: str | None, overrides):

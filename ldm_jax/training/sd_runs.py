@@ -108,15 +108,19 @@ def _refuse_existing(workdir: storage.Path) -> None:
             )
 
 
-def _check_unet(task: DiffusionTask, unet_params) -> None:
-    """The converted UNet has the shapes and dtypes of the UNet that the run builds."""
+def _check_params(task: DiffusionTask, params: dict) -> None:
+    """The converted params have the tree, shapes and dtypes of the run's own."""
 
     def spec(a):
         return tuple(a.shape), np.dtype(a.dtype)
 
-    want = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)).params["unet"])
-    if jax.tree.map(spec, unet_params) != jax.tree.map(spec, want):
-        raise UserError("the converted UNet does not match the run's UNet (internal error)")
+    want = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)).params)
+    have, want = jax.tree.map(spec, params), jax.tree.map(spec, want)
+    if have != want:
+        raise UserError(
+            "the converted weights do not match the run's model (internal error): "
+            f"{jax.tree.structure(have)} vs {jax.tree.structure(want)}"[:500]
+        )
 
 
 def write_run(model: sd.ImportedModel, workdir) -> storage.Path:
@@ -134,7 +138,6 @@ def write_run(model: sd.ImportedModel, workdir) -> storage.Path:
     FirstStage.save_params(workdir / FIRST_STAGE, model.vae_params, _first_stage_config(model))
     tensor_files.save_params(workdir / TEXT_ENCODER, model.clip_params)
     task = DiffusionTask(config)
-    _check_unet(task, model.unet_params)
     write_weights_checkpoint(workdir, config, task, {"unet": model.unet_params},
                              model.scale_factor)  # fmt: skip
     return workdir
@@ -144,14 +147,15 @@ def write_weights_checkpoint(workdir, config, task: DiffusionTask, params: dict,
                              scale_factor: float) -> None:  # fmt: skip
     """`<workdir>/checkpoints/0` of a diffusion run whose weights were made elsewhere (an
     import): `params` is the train state's params tree ({'unet', and 'cond' / 'dense'
-    where the run trains them}); `config` and `task` are the run's."""
+    where the run trains them}); `config` and `task` are the run's. A weights checkpoint:
+    the params are written once (the EMA is them at step 0) and the optimizer moments are
+    made when the run is opened (`DiffusionTask.state_from_weights`), not held here."""
     params = {"cond": {}, **params}
-    state = task.state_from_params(
-        params["unet"], params["cond"], scale_factor=scale_factor, dense_params=params.get("dense")
-    )
+    _check_params(task, params)
+    weights = {"params": params, "scale_factor": np.float32(scale_factor)}
     data_state = TrainIterator.initial_state(config.seed, config.batch_size)
     run = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", keep=3, async_save=False)
-    run.save(0, state, data_state, config, force=True)
+    run.save_weights(0, weights, data_state, config)
     run.close()
 
 

@@ -9,6 +9,8 @@ the optional hooks default to doing nothing, so the loop never probes a task.
     steps       train_step(state, batch, rng, frozen) -> (state, metrics), pure
                 eval_step(state, batch, frozen) -> {metric: [B]} per example
                 initialize_from_batch(state, batch, frozen, rng) -> state (fresh runs)
+                state_from_weights({field: value}) -> the whole state of a weights
+                checkpoint's fields (an import's; optimizer moments made here)
     frozen      frozen_params() -> host pytree of weights the steps read, never train
     outputs     sample_grid(state, batch, rows, frozen) -> rows of uint8 images
                 grid_captions(batch, rows) -> a caption per grid column, or None
@@ -71,6 +73,10 @@ class Task:
 
     def frozen_params(self) -> dict:
         return {}
+
+    def state_from_weights(self, weights: dict):
+        """The state of a weights checkpoint's fields (`Checkpointer.save_weights`)."""
+        raise UserError(f"a {self.stage} run's checkpoints hold whole states, not weights only")
 
     def train_source(self, mesh_run):
         """A training source that replaces the dataset's (e.g. a latent cache), or None."""
