@@ -359,6 +359,11 @@ def paper_ldm_config(
         channel_mult=u.pop("channel_mult"),
         attention_resolutions=u.pop("attention_resolutions"),
     )
+    # Both head settings from the preset (-1 where it names none): a head width left at
+    # diffusion_config's default would win over the preset's head count, and heads change
+    # no shape, so nothing else would notice.
+    c.model.num_heads = u.pop("num_heads", -1)
+    c.model.num_head_channels = u.pop("num_head_channels", -1)
     c.model.update(u)
     c.optim.base_learning_rate = base_learning_rate
     c.batch_size = batch_size

@@ -22,7 +22,9 @@ def get_config(arg=None):
         dataset="imagenet2012",
     )
     c.conditioning_key = "crossattn"
-    c.cond.update(kind="class", n_classes=1001, embed_dim=512, drop_rate=0.1)
+    # The reference's table has 1001 rows: the 1000 classes and, last, the learned null
+    # class of guidance, which ldm_jax's ClassEmbedder adds itself (row n_classes).
+    c.cond.update(kind="class", n_classes=1000, embed_dim=512, drop_rate=0.1)
     c.ema.decay = 0.0  # use_ema: False in the reference
     c.optim.scale_lr = False
     c.sampling.guidance_scale = 1.5
