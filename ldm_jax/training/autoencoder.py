@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
 from ldm_jax.data import images as images_lib
 from ldm_jax.errors import UserError
@@ -126,6 +127,25 @@ class AutoencoderTask(Task):
             disc_params=disc_params,
             disc_stats=disc_vars["batch_stats"],
             disc_opt=self.disc_tx.init(disc_params),
+            bad_step=-jnp.ones((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def state_from_weights(self, weights: dict) -> AutoencoderState:
+        """The step-0 state of an imported autoencoder's weights checkpoint
+        ({'gen_params'}): a fresh discriminator (released ones are not imported) and fresh
+        Adam moments, made when the run is opened rather than stored by the import."""
+        gen_params = weights["gen_params"]
+        size = self.config.data.image_size
+        x = jnp.zeros((1, size, size, self.config.model.in_channels), jnp.float32)
+        disc_vars = nn.unbox(self.disc.init(jax.random.PRNGKey(self.config.seed), x, train=False))
+        return AutoencoderState(
+            step=jnp.zeros((), jnp.int32),
+            gen_params=gen_params,
+            gen_opt=self.gen_tx.init(gen_params),
+            disc_params=disc_vars["params"],
+            disc_stats=disc_vars["batch_stats"],
+            disc_opt=self.disc_tx.init(disc_vars["params"]),
             bad_step=-jnp.ones((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
         )

@@ -4,7 +4,8 @@
   none         unconditional
   class        ClassEmbedder (learned null class) -> context [B, 1, D] (crossattn) or
                label ids for the UNet's own label embedding (conditioning_key 'adm')
-  text         BERT WordPiece tokens -> TransformerEncoder trained with the UNet (the paper)
+  text         BERT WordPiece tokens -> TransformerEncoder trained with the UNet (the paper;
+               padded keys hidden unless `cond.attend_padding`, the reference's way)
   text_frozen  BERT WordPiece tokens -> pretrained MiniLM BertEncoder, frozen
   clip         CLIP BPE tokens -> CLIP text encoder (Stable Diffusion's), frozen, its
                architecture in `cond.clip` and its params in `cond.weights` (a
@@ -274,6 +275,9 @@ class Conditioner:
             return self.module.apply({"params": params}, inputs["tokens"]), None
         tokens, mask = inputs["tokens"], inputs["token_mask"]
         if self.kind == "text":
+            # cond.attend_padding: every token attends over the padding too, as the
+            # reference's BERTEmbedder does (its released weights expect it).
+            mask = None if self.cfg.get("attend_padding", False) else mask
             return self.module.apply({"params": params}, tokens, mask), None
         if self.kind == "clip":  # causal over the padding too, as Stable Diffusion's
             hidden = self.module.apply({"params": frozen["text_encoder"]}, tokens)

@@ -1,0 +1,399 @@
+"""The CompVis model zoo's releases in: tiny random `model.ckpt` files in each release's
+layout (Lightning's state_dict: first_stage_model.*, model.diffusion_model.*, LitEma's
+model_ema.* copies, cond_stage_model.*, the schedule's buffers) with tiny YAMLs of the
+release format, imported by `ldm_jax.import_ldm` and sampled by `ldm_jax.sample`; the
+BERTEmbedder against x-transformers 0.8 (the module tree the release vendored), the
+ClassEmbedder's rows, and the YAML -> config mapping against the project's experiment
+files for the real releases' settings.
+
+The UNet and autoencoder tensors are written with ldm_jax's CompVis name tables, which
+tests/test_interop_*.py check against diffusers' modules; here they are a round trip
+that also checks which copy (EMA or not) the import takes.
+"""
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from flax import linen as nn
+from helpers import assert_all_refused, assert_trees_identical
+
+from ldm_jax.interop import cond_stage_weights, unet_weights, vae_weights
+from ldm_jax.models import autoencoder, conditioning, unet_configs
+
+torch = pytest.importorskip("torch", reason="test-only reference: pip install torch==2.13.0")
+
+MODULES = "ldm.modules.encoders.modules."
+UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+# Tiny first stages of the releases' ddconfig layout: f=2, GroupNorm(32) as released.
+_DD = dict(resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+           dropout=0.0)  # fmt: skip
+KL = dict(embed_dim=4, ddconfig=dict(_DD, double_z=True, z_channels=4, attn_resolutions=[8]))
+VQ = dict(embed_dim=3, n_embed=16, ddconfig=dict(_DD, double_z=False, z_channels=3, attn_resolutions=[]))  # fmt: skip
+UNET = dict(image_size=8, model_channels=32, attention_resolutions=[2], num_res_blocks=1,
+            channel_mult=[1, 2], num_head_channels=32)  # fmt: skip
+SPATIAL = dict(use_spatial_transformer=True, transformer_depth=1, context_dim=32)
+STEPS = 2
+
+
+def _random(shape, rng):
+    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _random_params(model, *inputs, seed=0, **kwargs):
+    """Random params of `model` (by eval_shape: nothing is initialised or compiled)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda *x: model.init(jax.random.PRNGKey(0), *x, **kwargs), *inputs)
+    return jax.tree.map(lambda s: _random(s.shape, rng), nn.unbox(shapes["params"]))
+
+
+def _spec(shape, dtype=np.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _first_stage(target: str, fs: dict):
+    kind = "kl" if target.endswith("AutoencoderKL") else "vq"
+    cfg = dict(fs["ddconfig"], type=kind, embed_dim=fs["embed_dim"], n_embed=fs.get("n_embed", 0))
+    model = autoencoder.from_config(cfg)
+    kw = {"sample_posterior": False} if kind == "kl" else {}
+    return model, _random_params(model, _spec((1, 16, 16, 3)), seed=1, **kw)
+
+
+def _unet(params: dict, context_dim=None):
+    keys = set(unet_configs.UNET_KEYS)
+    model = unet_configs.from_config({k: v for k, v in params.items() if k in keys})
+    x, t = _spec((1, 8, 8, model.in_channels)), _spec((1,))
+    ctx = None if context_dim is None else _spec((1, 1, context_dim))
+    return model, x, t, ctx
+
+
+def _unet_tensors(unet: dict, ema: bool, seed: int) -> tuple[dict, dict]:
+    """(model.diffusion_model.* and, with `ema`, LitEma's model_ema.* tensors of random
+    weights, the EMA params), the EMA copy distinct from the trained one."""
+    model, x, t, ctx = _unet(unet, unet.get("context_dim"))
+    trained = _random_params(model, x, t, ctx, seed=seed)
+    tensors = unet_weights.unet_to_compvis(trained, model)
+    if not ema:
+        return tensors, trained
+    averaged = _random_params(model, x, t, ctx, seed=seed + 1)
+    for name, value in unet_weights.unet_to_compvis(averaged, model).items():
+        # LitEma names the copy of `diffusion_model.a.b` "diffusion_modelab"
+        tensors["model_ema." + name.removeprefix("model.").replace(".", "")] = value
+    tensors |= {"model_ema.decay": np.float32(0.9999), "model_ema.num_updates": np.int32(7)}
+    return tensors, averaged
+
+
+def _save(path, tensors: dict) -> str:
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    torch.save({"state_dict": state, "global_step": 7, "epoch": 1}, path)
+    return str(path)
+
+
+def _write_yaml(path, model: dict, data=None) -> str:
+    path.write_text(yaml.safe_dump({"model": model, **({"data": data} if data else {})}))
+    return str(path)
+
+
+def _ldm_yaml(unet: dict, fs_target: str, fs: dict, cond, **params) -> dict:
+    fs_params = dict(fs, lossconfig={"target": "torch.nn.Identity"})
+    return {
+        "base_learning_rate": 2.0e-06,
+        "target": LDM_TARGET,
+        "params": {
+            "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000,
+            "first_stage_key": "image", "image_size": 8, "monitor": "val/loss",
+            **params,
+            "unet_config": {"target": UNET_TARGET, "params": unet},
+            "first_stage_config": {"target": fs_target, "params": fs_params},
+            "cond_stage_config": cond,
+        },
+    }  # fmt: skip
+
+
+def _schedule_buffers(p: dict) -> dict:
+    betas = np.linspace(p["linear_start"] ** 0.5, p["linear_end"] ** 0.5, 1000) ** 2
+    return {"betas": betas, "alphas_cumprod": np.cumprod(1 - betas)}
+
+
+def write_ldm(root, name, model_yaml: dict, cond_tensors=None, ema=True, data=None):
+    """A release folder root/name with config.yaml and model.ckpt: -> (ckpt, yaml, the
+    UNet params the import must take, first stage params)."""
+    folder = root / name
+    folder.mkdir()
+    p = model_yaml["params"]
+    fs = p["first_stage_config"]
+    fs_model, fs_params = _first_stage(fs["target"], fs["params"])
+    tensors, unet_params = _unet_tensors(p["unet_config"]["params"], ema, seed=3)
+    tensors |= vae_weights.vae_to_compvis(fs_params, fs_model)  # first_stage_model.*
+    tensors |= _schedule_buffers(p) | (cond_tensors or {})
+    ckpt = _save(folder / "model.ckpt", tensors)
+    return ckpt, _write_yaml(folder / "config.yaml", model_yaml, data), unet_params, fs_params
+
+
+def _import(tmp_path_factory, release, name):
+    from ldm_jax import import_ldm
+
+    workdir = tmp_path_factory.mktemp("imported") / name
+    import_ldm.main([f"--checkpoint={release[0]}", f"--config={release[1]}", f"--workdir={workdir}"])  # fmt: skip
+    return workdir
+
+
+def _sample(workdir, out, *flags):
+    from ldm_jax import sample
+
+    sample.main([f"--workdir={workdir}", "--num_per_condition=1", f"--steps={STEPS}",
+                 f"--out={out}", *flags])  # fmt: skip
+    images = np.load(out / "samples.npz")["images"]
+    assert (out / "samples.png").is_file() and images.dtype == np.uint8
+    return images
+
+
+# ----- release files ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _bert(n_embed, depth, vocab, length, seed):
+    """The vendored x-transformers BERTEmbedder trunk with random weights (torch)."""
+    xt = pytest.importorskip("x_transformers", reason="test-only reference: pip install x-transformers==0.8.4")  # fmt: skip
+    torch.manual_seed(seed)
+    wrapper = xt.TransformerWrapper(num_tokens=vocab, max_seq_len=length,
+                                    attn_layers=xt.Encoder(dim=n_embed, depth=depth)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in wrapper.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return wrapper
+
+
+def _bert_tensors(wrapper) -> dict:
+    return {"cond_stage_model.transformer." + k: v.numpy().copy() for k, v in wrapper.state_dict().items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uncond_release(zoo):
+    """celeba256's layout: VQModelInterface first stage, AttentionBlock UNet, EMA copies."""
+    unet = dict(UNET, in_channels=3, out_channels=3)
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", VQ, "__is_unconditional__",
+                      channels=3, cond_stage_key="class_label", concat_mode=False)  # fmt: skip
+    return write_ldm(zoo, "celeba256", model)
+
+
+@pytest.fixture(scope="module")
+def class_release(zoo):
+    """cin256-v2's layout: 1001 ClassEmbedder rows (the last the null class), no EMA."""
+    unet = dict(UNET, in_channels=3, out_channels=3, num_heads=1, num_head_channels=-1, **SPATIAL)
+    cond = {"target": MODULES + "ClassEmbedder", "params": {"n_classes": 1001, "embed_dim": 32, "key": "class_label"}}  # fmt: skip
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", VQ, cond, channels=3,
+                      cond_stage_key="class_label", conditioning_key="crossattn",
+                      cond_stage_trainable=True, use_ema=False)  # fmt: skip
+    table = _random((1001, 32), np.random.default_rng(5))
+    return (*write_ldm(zoo, "cin256-v2", model, {"cond_stage_model.embedding.weight": table}, ema=False), table)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text_release(zoo):
+    """txt2img-1p4B's layout: KL-f first stage, BERTEmbedder (WordPiece, 77 tokens)."""
+    unet = dict(UNET, in_channels=4, out_channels=4, num_heads=2, num_head_channels=-1, legacy=False, **SPATIAL)  # fmt: skip
+    cond = {"target": MODULES + "BERTEmbedder", "params": {"n_embed": 32, "n_layer": 1}}
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.AutoencoderKL", KL, cond, channels=4,
+                      linear_start=0.00085, linear_end=0.012, cond_stage_key="caption",
+                      conditioning_key="crossattn", cond_stage_trainable=True,
+                      scale_factor=0.18215, use_ema=False)  # fmt: skip
+    wrapper = _bert(32, 1, 30522, 77, seed=0)
+    return (*write_ldm(zoo, "txt2img", model, _bert_tensors(wrapper), ema=False), wrapper)
+
+
+@pytest.fixture(scope="module")
+def semantic_release(zoo):
+    """semantic_synthesis256's layout: SpatialRescaler (1x1 conv, no bias), concat."""
+    unet = dict(UNET, in_channels=6, out_channels=3, num_heads=8, num_head_channels=-1)
+    cond = {"target": MODULES + "SpatialRescaler", "params": {"n_stages": 1, "in_channels": 5, "out_channels": 3}}  # fmt: skip
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", VQ, cond, channels=3,
+                      cond_stage_key="segmentation", concat_mode=True, cond_stage_trainable=True,
+                      loss_type="l1", linear_end=0.0205)  # fmt: skip
+    mapper = _random((3, 5, 1, 1), np.random.default_rng(6))
+    return (*write_ldm(zoo, "semantic", model, {"cond_stage_model.channel_mapper.weight": mapper}), mapper)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def layout_release(zoo):
+    """layout2img-openimages256's layout: BERTEmbedder over 92 layout tokens of 8192."""
+    unet = dict(UNET, in_channels=3, out_channels=3, **SPATIAL)
+    cond = {"target": MODULES + "BERTEmbedder",
+            "params": {"n_embed": 32, "n_layer": 1, "vocab_size": 8192, "max_seq_len": 92, "use_tokenizer": False}}  # fmt: skip
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", VQ, cond, channels=3,
+                      cond_stage_key="coordinates_bbox", conditioning_key="crossattn",
+                      cond_stage_trainable=True, loss_type="l1", linear_end=0.0205)  # fmt: skip
+    return write_ldm(zoo, "layout", model, _bert_tensors(_bert(32, 1, 8192, 92, seed=1)))
+
+
+def _first_stage_release(zoo, name, target, fs, loss_target, extra_loss):
+    folder = zoo / name
+    folder.mkdir()
+    model, params = _first_stage(target, fs)
+    tensors = vae_weights.vae_to_compvis(params, model, prefix="") | extra_loss
+    loss = {"target": loss_target, "params": {"disc_start": 11, "disc_weight": 0.75}}
+    yaml_path = _write_yaml(folder / "config.yaml", {
+        "base_learning_rate": 4.5e-6, "target": target, "params": dict(fs, lossconfig=loss)})  # fmt: skip
+    return _save(folder / "model.ckpt", tensors), yaml_path, params
+
+
+@pytest.fixture(scope="module")
+def kl_release(zoo):
+    """A kl-f* first stage: its loss's logvar and discriminator tensors beside it."""
+    loss = {"loss.logvar": np.float32(0.25), "loss.discriminator.main.0.weight": np.ones((8, 3, 4, 4), np.float32)}  # fmt: skip
+    return _first_stage_release(zoo, "kl-f2", "ldm.models.autoencoder.AutoencoderKL", KL,
+                                "ldm.modules.losses.LPIPSWithDiscriminator", loss)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vq_release(zoo):
+    """A vq-f4-noattn-like first stage (no attention at all)."""
+    fs = dict(VQ, ddconfig=dict(VQ["ddconfig"], attn_type="none"))
+    loss = {"loss.perceptual_loss.lin0.model.1.weight": np.ones((1, 64, 1, 1), np.float32)}
+    return _first_stage_release(zoo, "vq-f2-noattn", "ldm.models.autoencoder.VQModel", fs,
+                                "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", loss)  # fmt: skip
+
+
+# ----- equivalence on tiny random weights ------------------------------------------------
+def test_bert_embedder_equals_x_transformers():
+    """The release's BERTEmbedder trunk (x-transformers 0.8 as vendored) and ldm_jax's
+    TransformerEncoder on its converted tensors give the same context [B, L, d]."""
+    wrapper = _bert(32, 2, 100, 12, seed=2)
+    module = conditioning.TransformerEncoder(n_embed=32, n_layer=2, vocab_size=100, max_seq_len=12)
+    params = cond_stage_weights.transformer_from_compvis(_bert_tensors(wrapper), module)
+    tokens = np.random.default_rng(0).integers(0, 100, (3, 12))
+    with torch.no_grad():
+        want = wrapper(torch.from_numpy(tokens), return_embeddings=True).numpy()
+    got = np.asarray(module.apply(params, tokens.astype(np.int32)))
+    assert got.shape == (3, 12, 32)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_class_embedder_rows():
+    """1001 rows: 1000 classes and the learned null class, ldm_jax's null row as it is;
+    1000 rows: the classes, with a zero null row."""
+    module = conditioning.ClassEmbedder(n_classes=1000, embed_dim=8)
+    table = _random((1001, 8), np.random.default_rng(0))
+    for rows in (1001, 1000):
+        state = {"cond_stage_model.embedding.weight": table[:rows]}
+        params = cond_stage_weights.class_table_from_compvis(state, module)
+        out = np.asarray(module.apply(params, np.array([0, 999, module.null_class])))
+        np.testing.assert_array_equal(out[:2, 0], table[[0, 999]])
+        np.testing.assert_array_equal(out[2, 0], table[1000] if rows == 1001 else 0.0)
+
+
+# ----- import, then sample, each kind of release ------------------------------------------
+@pytest.fixture(scope="module")
+def uncond_run(uncond_release, tmp_path_factory):
+    return _import(tmp_path_factory, uncond_release, "celeba256")
+
+
+@pytest.mark.slow
+def test_unconditional_release_takes_the_ema_weights_and_samples(
+    uncond_release, uncond_run, tmp_path
+):
+    from ldm_jax.training.restore import load_run
+
+    _, _, ema_params, fs_params = uncond_release
+    config, task, state, step = load_run(uncond_run, stage="diffusion")
+    assert step == 0 and config.cond.kind == "none" and config.conditioning_key is None
+    assert_trees_identical(jax.device_get(state.ema_params), ema_params)
+    assert_trees_identical(jax.device_get(state.params["unet"]), ema_params)
+    assert_trees_identical(jax.device_get(task.first_stage.load_params()), fs_params)
+    assert float(state.scale_factor) == 1.0 and config.data.image_size == 16
+    images = _sample(uncond_run, tmp_path / "out")
+    assert images.shape == (1, 16, 16, 3) and images.std() > 0
+
+
+@pytest.mark.slow
+def test_class_release_keeps_its_null_row_and_samples_with_guidance(class_release, tmp_path_factory, tmp_path):  # fmt: skip
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, class_release, "cin256-v2")
+    config, task, state, _ = load_run(workdir, stage="diffusion")
+    assert (config.cond.kind, config.cond.n_classes, task.cond.null_class) == ("class", 1000, 1000)
+    table = jax.device_get(state.params["cond"]["embedding"]["embedding"])
+    np.testing.assert_array_equal(table, class_release[4])
+    assert_trees_identical(jax.device_get(state.ema_params), class_release[2])  # no EMA in file
+    images = _sample(workdir, tmp_path / "out", "--labels=1,999", "--guidance=3.0")
+    assert images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_text_release_embeds_prompts_as_the_reference_and_samples(text_release, tmp_path_factory, tmp_path):  # fmt: skip
+    """The run's text context of a prompt (its WordPiece ids, padding attended over as
+    the BERTEmbedder does) equals x-transformers' on the same ids."""
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, text_release, "txt2img")
+    config, task, state, _ = load_run(workdir, stage="diffusion")
+    assert config.cond.kind == "text" and config.cond.attend_padding
+    assert float(state.scale_factor) == pytest.approx(0.18215)
+    inputs = task.cond.encode_prompts(["a painting of a squirrel eating a burger", ""])
+    context, _ = task.cond.embed(state.params["cond"], {}, inputs)
+    with torch.no_grad():
+        ids = torch.from_numpy(inputs["tokens"].astype(np.int64))
+        want = text_release[4](ids, return_embeddings=True).numpy()
+    np.testing.assert_allclose(np.asarray(context), want, atol=2e-5, rtol=0)
+    images = _sample(workdir, tmp_path / "out", "--prompts", "a red car")
+    assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_semantic_release_imports_its_rescaler_and_samples_from_a_map(semantic_release, tmp_path_factory, tmp_path):  # fmt: skip
+    from PIL import Image
+
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, semantic_release, "semantic")
+    config, _, state, _ = load_run(workdir, stage="diffusion")
+    assert config.data.condition.kind == "semantic" and config.conditioning_key == "concat"
+    mapper = jax.device_get(state.params["dense"]["channel_mapper"])
+    np.testing.assert_array_equal(mapper, semantic_release[4][:, :, 0, 0].T)
+    ids = np.repeat(np.arange(4, dtype=np.uint8), 64).reshape(16, 16)
+    Image.fromarray(ids).save(tmp_path / "map.png")
+    images = _sample(workdir, tmp_path / "out", f"--cond_image={tmp_path / 'map.png'}")
+    assert images.shape[1:] == (16, 16, 3)
+
+
+@pytest.mark.slow
+def test_layout_release_samples_from_a_layout(layout_release, tmp_path_factory, tmp_path):
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, layout_release, "layout")
+    config, task, _, _ = load_run(workdir, stage="diffusion")
+    assert config.cond.kind == "layout" and task.cond.tokens.length == 90
+    images = _sample(workdir, tmp_path / "out", "--layout", "3:0.1,0.1,0.4,0.5;7:0.5,0.4,0.9,0.9")
+    assert images.shape == (1, 16, 16, 3)
+
+
+# ----- first stages ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_kl_first_stage_is_an_autoencoder_run_that_evaluates(kl_release, data_dir, tmp_path_factory):  # fmt: skip
+    from ldm_jax import evaluate
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, kl_release, "kl-f2")
+    config, _, state, step = load_run(workdir, stage="autoencoder")
+    assert step == 0 and config.model.type == "kl" and config.loss.disc_start == 11
+    assert_trees_identical(jax.device_get(state.gen_params["model"]), kl_release[2])
+    assert float(state.gen_params["logvar"]) == 0.25  # the release's loss.logvar
+    report = evaluate.main([f"--workdir={workdir}", "--metric=psnr", "--metric=ssim",
+                            "--dataset=photo_crops", f"--data_dir={data_dir}", "--split=test",
+                            "--num_samples=8", "--batch_size=8", "--config.data.image_size=16",
+                            "--config.data.resize=16"])  # fmt: skip
+    assert np.isfinite(report["results"]["psnr"]) and np.isfinite(report["results"]["ssim"])
+
+
+def test_vq_first_stage_is_a_diffusion_run_first_stage(vq_release, tmp_path_factory):
+    import ml_collections
+
+    from ldm_jax.training.first_stage import FirstStage
+
+    workdir = _import(tmp_path_factory, vq_release, "vq-f2-noattn")
+    first_stage = FirstStage(ml_collections.ConfigDict(dict(workdir=str(workdir), step=-1)))
+    assert first_stage.model_cfg.attn_type == "none" and first_stage.regularizer == "vq"
+    assert_trees_identical(jax.device_get(first_stage.load_params()), vq_release[2])
