@@ -381,11 +381,12 @@ def test_kl_first_stage_is_an_autoencoder_run_that_evaluates(kl_release, data_di
     assert step == 0 and config.model.type == "kl" and config.loss.disc_start == 11
     assert_trees_identical(jax.device_get(state.gen_params["model"]), kl_release[2])
     assert float(state.gen_params["logvar"]) == 0.25  # the release's loss.logvar
-    report = evaluate.main([f"--workdir={workdir}", "--metric=psnr", "--metric=ssim",
-                            "--dataset=photo_crops", f"--data_dir={data_dir}", "--split=test",
-                            "--num_samples=8", "--batch_size=8", "--config.data.image_size=16",
+    metrics = [f"--metric={m}" for m in ("psnr", "ssim", "lpips")]
+    report = evaluate.main([f"--workdir={workdir}", *metrics, "--dataset=photo_crops",
+                            f"--data_dir={data_dir}", "--split=test", "--num_samples=8",
+                            "--batch_size=8", "--config.data.image_size=16",
                             "--config.data.resize=16"])  # fmt: skip
-    assert np.isfinite(report["results"]["psnr"]) and np.isfinite(report["results"]["ssim"])
+    assert all(np.isfinite(report["results"][m]) for m in ("psnr", "ssim", "lpips"))
 
 
 def test_vq_first_stage_is_a_diffusion_run_first_stage(vq_release, tmp_path_factory):
@@ -397,3 +398,195 @@ def test_vq_first_stage_is_a_diffusion_run_first_stage(vq_release, tmp_path_fact
     first_stage = FirstStage(ml_collections.ConfigDict(dict(workdir=str(workdir), step=-1)))
     assert first_stage.model_cfg.attn_type == "none" and first_stage.regularizer == "vq"
     assert_trees_identical(jax.device_get(first_stage.load_params()), vq_release[2])
+
+
+def test_inpainting_release_imports_beside_its_first_stage_copy(zoo, tmp_path_factory):
+    """inpainting_big's layout: the cond stage is the first stage (VQ, no attention),
+    which the file holds a second time under cond_stage_model.*; the UNet takes z_t,
+    E(masked image) and the mask (3 + 3 + 1 channels)."""
+    from ldm_jax.training.restore import stored_config
+
+    fs = dict(VQ, ddconfig=dict(VQ["ddconfig"], attn_type="none"))
+    unet = dict(UNET, in_channels=7, out_channels=3, num_heads=8, num_head_channels=-1, resblock_updown=True)  # fmt: skip
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", fs, "__is_first_stage__",
+                      channels=3, cond_stage_key="masked_image", concat_mode=True, loss_type="l1")  # fmt: skip
+    fs_model, fs_params = _first_stage(model["params"]["first_stage_config"]["target"], fs)
+    copy = vae_weights.vae_to_compvis(fs_params, fs_model, prefix="cond_stage_model.")
+    release = write_ldm(zoo, "inpainting_big", model, copy)
+    config = stored_config(_import(tmp_path_factory, release, "inpainting_big"))
+    assert config["data"]["condition"]["kind"] == "inpaint" and config["model"]["resblock_updown"]
+
+
+# ----- the YAML -> config mapping on the real releases' settings --------------------------
+def _real_vq(n_embed=8192, z=3, ch_mult=(1, 2, 4), attn=(), **dd):
+    ddconfig = dict(double_z=False, z_channels=z, resolution=256, in_channels=3, out_ch=3,
+                    ch=128, ch_mult=list(ch_mult), num_res_blocks=2, attn_resolutions=list(attn),
+                    dropout=0.0, **dd)  # fmt: skip
+    return "ldm.models.autoencoder.VQModelInterface", dict(embed_dim=z, n_embed=n_embed, ddconfig=ddconfig)  # fmt: skip
+
+
+KL_F8 = ("ldm.models.autoencoder.AutoencoderKL",
+         dict(embed_dim=4, ddconfig=dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
+                                         ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)))  # fmt: skip
+VQ4_UNCOND = dict(image_size=64, in_channels=3, out_channels=3, model_channels=224,
+                  attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 4],
+                  num_head_channels=32)  # fmt: skip
+# release -> (experiment file, unet_config.params, first stage, cond_stage_config, LatentDiffusion params, data)
+REAL = {
+    "celeba256": ("celebahq_ldm_vq4", VQ4_UNCOND, _real_vq(), "__is_unconditional__",
+                  dict(image_size=64, concat_mode=False), "ldm.data.faceshq.CelebAHQTrain"),
+    "lsun_churches256": ("lsun_churches_ldm_kl8",
+                         dict(image_size=32, in_channels=4, out_channels=4, model_channels=192,
+                              attention_resolutions=[1, 2, 4, 8], num_res_blocks=2,
+                              channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True,
+                              resblock_updown=True),
+                         KL_F8, "__is_unconditional__",
+                         dict(image_size=32, linear_end=0.0155, loss_type="l1", scale_by_std=True,
+                              concat_mode=False), "ldm.data.lsun.LSUNChurchesTrain"),
+    "cin256-v2": ("cin256_ldm4_g",
+                  dict(image_size=64, in_channels=3, out_channels=3, model_channels=192,
+                       attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 5],
+                       num_heads=1, use_spatial_transformer=True, transformer_depth=1, context_dim=512),
+                  _real_vq(), {"target": MODULES + "ClassEmbedder", "params": {"n_classes": 1001, "embed_dim": 512}},
+                  dict(image_size=64, conditioning_key="crossattn", use_ema=False), None),
+    "cin256": ("cin_ldm_vq_f8",
+               dict(image_size=32, in_channels=4, out_channels=4, model_channels=256,
+                    attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4],
+                    num_head_channels=32, use_spatial_transformer=True, transformer_depth=1, context_dim=512),
+               _real_vq(16384, 4, (1, 2, 2, 4), (32,)), {"target": MODULES + "ClassEmbedder", "params": {"embed_dim": 512}},
+               dict(image_size=32, conditioning_key="crossattn"), "ldm.data.imagenet.ImageNetTrain"),
+    "txt2img-1p4B": ("txt2img_ldm_kl8",
+                     dict(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                          attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
+                          num_heads=8, use_spatial_transformer=True, transformer_depth=1,
+                          context_dim=1280, use_checkpoint=True, legacy=False),
+                     KL_F8, {"target": MODULES + "BERTEmbedder", "params": {"n_embed": 1280, "n_layer": 32}},
+                     dict(image_size=32, linear_start=0.00085, linear_end=0.012, conditioning_key="crossattn",
+                          scale_factor=0.18215, use_ema=False), None),
+    "bsr_sr": ("bsr_sr",
+               dict(image_size=64, in_channels=6, out_channels=3, model_channels=160,
+                    attention_resolutions=[16, 8], num_res_blocks=2, channel_mult=[1, 2, 2, 4],
+                    num_head_channels=32),
+               _real_vq(), "torch.nn.Identity", dict(image_size=64, linear_end=0.0155, concat_mode=True),
+               "ldm.data.openimages.SuperresOpenImagesAdvancedTrain"),
+    "inpainting_big": ("inpainting_big",
+                       dict(image_size=64, in_channels=7, out_channels=3, model_channels=256,
+                            attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 4],
+                            num_heads=8, resblock_updown=True),
+                       _real_vq(attn_type="none"), "__is_first_stage__",
+                       dict(image_size=64, linear_end=0.0205, loss_type="l1", concat_mode=True), None),
+    "semantic_synthesis256": ("semantic_synthesis256",
+                              dict(image_size=64, in_channels=6, out_channels=3, model_channels=128,
+                                   attention_resolutions=[32, 16, 8], num_res_blocks=2, channel_mult=[1, 4, 8],
+                                   num_heads=8),
+                              _real_vq(), {"target": MODULES + "SpatialRescaler",
+                                           "params": {"n_stages": 2, "in_channels": 182, "out_channels": 3}},
+                              dict(image_size=64, linear_end=0.0205, loss_type="l1", concat_mode=True), None),
+    "layout2img-openimages256": ("layout2img_openimages256",
+                                 dict(image_size=64, in_channels=3, out_channels=3, model_channels=128,
+                                      attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 4],
+                                      num_head_channels=32, use_spatial_transformer=True, transformer_depth=3,
+                                      context_dim=512),
+                                 _real_vq(), {"target": MODULES + "BERTEmbedder",
+                                              "params": {"n_embed": 512, "n_layer": 16, "vocab_size": 8192,
+                                                         "max_seq_len": 92, "use_tokenizer": False}},
+                                 dict(image_size=64, linear_end=0.0205, loss_type="l1", conditioning_key="crossattn"),
+                                 "ldm.data.openimages.OpenImagesBBoxTrain"),
+}  # fmt: skip
+_COND_KEYS = ("kind", "n_classes", "embed_dim", "n_layer", "max_length", "vocab_size",
+              "max_objects", "heads", "dim_head")  # fmt: skip
+_CONDITION_KEYS = ("kind", "factor", "degradation", "num_classes", "rescaler")
+
+
+def _real_release(tmp_path, name):
+    from ldm_jax.interop import compvis_configs
+
+    _, unet, (fs_target, fs), cond, params, data = REAL[name]
+    model = _ldm_yaml(unet, fs_target, fs, cond, **params)
+    data = {"params": {"train": {"target": data, "params": {"degradation": "bsrgan_light", "downscale_f": 4}}}} if data else None  # fmt: skip
+    return compvis_configs.read_release(_write_yaml(tmp_path / f"{name}.yaml", model, data))
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_release_yaml_maps_onto_the_experiment_file(name, tmp_path):
+    """The UNet (heads included), schedule, conditioning and first stage that an imported
+    release's run gets are those of the project's experiment file for the same model."""
+    from ldm_jax.config_loader import load_config
+    from ldm_jax.interop import compvis_configs
+
+    got, fs = compvis_configs.diffusion_run_config(_real_release(tmp_path, name), tmp_path / "fs")
+    want = load_config(f"configs/diffusion/{REAL[name][0]}.py", lock=False)
+    assert got.model.to_dict() == want.model.to_dict()
+    for key in ("beta_schedule", "timesteps", "linear_start", "linear_end", "parameterization",
+                "loss_type", "scale_factor", "scale_by_std"):  # fmt: skip
+        assert got.diffusion[key] == want.diffusion[key], key
+    assert got.conditioning_key == want.conditioning_key
+    assert {k: got.cond.get(k) for k in _COND_KEYS if k in want.cond} == {
+        k: want.cond[k] for k in _COND_KEYS if k in want.cond
+    } or name.startswith("layout")  # its class count is OpenImages', the experiment's COCO's
+    condition = lambda c: {k: c.data.condition.to_dict()[k] for k in _CONDITION_KEYS}  # noqa: E731
+    assert condition(got) == condition(want)
+    assert got.ema.decay == want.ema.decay and got.data.image_size == want.data.image_size
+    fs_want = load_config(f"configs/autoencoder/{want.first_stage.workdir.split('/')[-1]}.py")
+    assert fs.model.to_dict() == fs_want.model.to_dict()
+    if not name.startswith("layout"):  # the experiment reads COCO's boxes
+        assert got.data.name == want.data.name
+
+
+def test_first_stage_yaml_maps_onto_the_experiment_file(tmp_path):
+    from ldm_jax.config_loader import load_config
+    from ldm_jax.interop import compvis_configs
+
+    loss = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 11,
+                       "disc_weight": 0.75, "codebook_weight": 1.0}}  # fmt: skip
+    target, fs = _real_vq(attn_type="none")
+    model = {"base_learning_rate": 4.5e-6, "target": "ldm.models.autoencoder.VQModel",
+             "params": dict(fs, lossconfig=loss)}  # fmt: skip
+    release = compvis_configs.read_release(_write_yaml(tmp_path / "vq.yaml", model))
+    got = compvis_configs.autoencoder_run_config(release)
+    want = load_config("configs/autoencoder/vq_f4_noattn.py")
+    assert got.model.to_dict() == want.model.to_dict()
+    assert got.loss.to_dict() == want.loss.to_dict() and got.data.name == want.data.name
+
+
+# ----- bad input ----------------------------------------------------------------------------
+def _edited_yaml(path, source, edit) -> str:
+    config = yaml.safe_load(open(source).read())
+    edit(config["model"])
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_bad_releases_are_refused_in_one_line_and_nothing_is_written(uncond_release, tmp_path, capsys):  # fmt: skip
+    from ldm_jax import import_ldm
+
+    ckpt, good = uncond_release[:2]
+    edits = {
+        "target": lambda m: m.update(target="ldm.models.diffusion.ddpm.LatentUpscaleDiffusion"),
+        "clip": lambda m: m["params"].update(
+            cond_stage_config={"target": MODULES + "FrozenCLIPEmbedder"}
+        ),  # fmt: skip
+        "shape": lambda m: m["params"]["unet_config"]["params"].update(model_channels=64),
+        "betas": lambda m: m["params"].update(linear_end=0.0205),
+        "channels": lambda m: m["params"]["unet_config"]["params"].update(in_channels=6),
+    }
+    bad = {k: _edited_yaml(tmp_path / f"{k}.yaml", good, e) for k, e in edits.items()}
+    existing = tmp_path / "existing"
+    (existing / "checkpoints").mkdir(parents=True)
+    out = tmp_path / "out"
+
+    def argv(config, checkpoint=ckpt, workdir=out):
+        return [f"--checkpoint={checkpoint}", f"--config={config}", f"--workdir={workdir}"]
+
+    cases = [
+        ("unknown model.target", argv(bad["target"]), "model.target"),
+        ("a cond stage ldm_jax lacks", argv(bad["clip"]), "FrozenCLIPEmbedder"),
+        ("YAML shapes that are not the tensors'", argv(bad["shape"]), "shape"),
+        ("a schedule that is not the file's", argv(bad["betas"]), "betas"),
+        ("UNet channels that are not the run's", argv(bad["channels"]), "in_channels=6"),
+        ("a workdir with checkpoints", argv(good, workdir=existing), "exists"),
+        ("a missing checkpoint", argv(good, checkpoint=tmp_path / "none.ckpt"), "does not exist"),
+        ("a missing YAML", argv(tmp_path / "none.yaml"), "config.yaml"),
+    ]
+    assert_all_refused(import_ldm.main, cases, capsys, out, {"existing": existing})
