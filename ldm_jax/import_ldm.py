@@ -13,7 +13,7 @@ then `python -m ldm_jax.sample --workdir runs/cin256_v2 --labels 88,979` (or `ev
 `train` to fine-tune). A first stage becomes an autoencoder run (usable as a diffusion
 run's config.first_stage.workdir); an LDM a diffusion run holding its own first stage,
 its UNet (the EMA weights where the file has them) and its conditioning encoder. The
-release is read by ldm_jax.interop.compvis_configs and written by
+release is read by ldm_jax.training.compvis_configs and written by
 ldm_jax.training.compvis_runs; nothing existing is overwritten. Reading a .ckpt needs
 torch (`pip install torch`).
 """

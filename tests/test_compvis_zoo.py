@@ -499,7 +499,7 @@ _CONDITION_KEYS = ("kind", "factor", "degradation", "num_classes", "rescaler")
 
 
 def _real_release(tmp_path, name):
-    from ldm_jax.interop import compvis_configs
+    from ldm_jax.training import compvis_configs
 
     _, unet, (fs_target, fs), cond, params, data = REAL[name]
     model = _ldm_yaml(unet, fs_target, fs, cond, **params)
@@ -512,7 +512,7 @@ def test_release_yaml_maps_onto_the_experiment_file(name, tmp_path):
     """The UNet (heads included), schedule, conditioning and first stage that an imported
     release's run gets are those of the project's experiment file for the same model."""
     from ldm_jax.config_loader import load_config
-    from ldm_jax.interop import compvis_configs
+    from ldm_jax.training import compvis_configs
 
     got, fs = compvis_configs.diffusion_run_config(_real_release(tmp_path, name), tmp_path / "fs")
     want = load_config(f"configs/diffusion/{REAL[name][0]}.py", lock=False)
@@ -535,7 +535,7 @@ def test_release_yaml_maps_onto_the_experiment_file(name, tmp_path):
 
 def test_first_stage_yaml_maps_onto_the_experiment_file(tmp_path):
     from ldm_jax.config_loader import load_config
-    from ldm_jax.interop import compvis_configs
+    from ldm_jax.training import compvis_configs
 
     loss = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
             "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 11,

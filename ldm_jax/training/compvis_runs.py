@@ -11,7 +11,7 @@
 Both are weights checkpoints (the params once; optimizer moments, and for an autoencoder
 a fresh discriminator, are made when the run is opened), so `ldm_jax.sample`,
 `ldm_jax.evaluate` and `ldm_jax.train` take them as any run. The YAML's mapping to a
-config is `ldm_jax.interop.compvis_configs`; tensor names are the interop name tables.
+config is `ldm_jax.training.compvis_configs`; tensor names are the interop name tables.
 Everything is read, converted and checked before anything is written.
 """
 
@@ -25,16 +25,10 @@ from ldm_jax import storage
 from ldm_jax.data.pipeline import TrainIterator
 from ldm_jax.diffusion import schedules
 from ldm_jax.errors import UserError
-from ldm_jax.interop import (
-    compvis_configs,
-    cond_stage_weights,
-    tensor_files,
-    unet_weights,
-    vae_weights,
-)
+from ldm_jax.interop import cond_stage_weights, tensor_files, unet_weights, vae_weights
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import sd_runs
+from ldm_jax.training import compvis_configs, sd_runs
 from ldm_jax.training.first_stage import FirstStage
 
 FIRST_STAGE = "first_stage"  # the LDM's autoencoder run, inside its run

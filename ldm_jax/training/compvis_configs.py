@@ -8,11 +8,13 @@ A release's YAML names its class in `model.target` and its architecture in `mode
                                                       (VQModelInterface / AutoencoderKL),
                                                       cond_stage_config, the schedule
 
-`release_config` gives the autoencoder or diffusion config of an ldm_jax run of the same
-model, on the same values as the project's experiment files where they describe the same
-model (configs/autoencoder/*.py, configs/diffusion/*.py). What the YAML does not say (the
-dataset of a release without a data section, a layout model's class count) is the
-matching experiment's choice. Anything the project cannot run is one UserError.
+`autoencoder_run_config` and `diffusion_run_config` give the config of an ldm_jax run of
+the same model, on the same values as the project's experiment files where they describe
+the same model (configs/autoencoder/*.py, configs/diffusion/*.py; a test checks it).
+What the YAML does not say is the matching experiment's choice (the dataset of a release
+without a data section), or the reference's where the experiment departs from it (the
+layout model's OpenImages class ids, where its experiment reads COCO). Anything the
+project cannot run is one UserError.
 """
 
 from __future__ import annotations
