@@ -5,9 +5,11 @@ weights are materialised): the torch tensor name and how the tensor is laid out 
 Import and export walk the same table, so import(export(params)) is the identity by
 construction, and both directions check every shape against the model.
 
-Imported params are numpy arrays (transposed views of the file's arrays unless a dtype cast
-is needed): `jax.device_put(params, shardings)` then places them straight onto a mesh
-without first gathering a full copy on one device.
+Imported params are jax arrays on the host's CPU device, made one tensor at a time as the
+file is read: orbax writes them to a checkpoint without the host copies it makes of numpy
+leaves (an SD-1.5 UNet's save peaked 5.8 GB above its 3.4 GB as numpy, 1.8 GB as jax
+arrays: bench/import_memory.py), and `jax.device_put(params, shardings)` still places them
+onto a mesh without first gathering a full copy on one accelerator.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def import_state(
     ignore_prefixes: tuple[str, ...] = (),
     hint: str = "",
 ) -> dict:
-    """{'params': nested numpy tree} for the model of `table` from a torch state dict.
+    """{'params': nested tree of host jax arrays} for the model of `table` from a torch state dict.
 
     Keys outside `prefix` or under `ignore_prefixes` are not considered (a single-file SD
     checkpoint also holds the other models). Anything else that does not match -- the first
@@ -155,10 +157,11 @@ def import_state(
         problems.append(f"unexpected tensors ({len(unexpected)}): {_names(unexpected)}")
     if problems:
         raise UserError(f"{what} weights do not match the model: {'; '.join(problems)}. {hint}")
+    host = jax.local_devices(backend="cpu")[0]
     flat = {}
     for e in table:  # one tensor of `state` read at a time (a file's are read on access)
         value = LAYOUTS[e.layout][1](np.asarray(state[e.name]))
-        flat[e.path] = np.asarray(value, dtype=abstract[e.path].dtype)  # no copy if same dtype
+        flat[e.path] = jax.device_put(np.asarray(value, dtype=abstract[e.path].dtype), host)
     return {"params": traverse_util.unflatten_dict(flat)}
 
 

@@ -31,7 +31,7 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _existing(path: str | os.PathLike) -> storage.Path:
+def existing_file(path: str | os.PathLike) -> storage.Path:
     path = storage.path(path)
     if not path.is_file():
         raise UserError(f"weight file {path} does not exist")
@@ -102,7 +102,7 @@ class _SafetensorsFile(Mapping):
 
 @contextlib.contextmanager
 def _open_safetensors(path, prefix: str = "") -> Iterator[_SafetensorsFile]:
-    path = _existing(path)
+    path = existing_file(path)
     with path.open("rb") as f:
         yield _SafetensorsFile(f, str(path), prefix)
 
@@ -175,7 +175,7 @@ def _torch_load(torch, local, where):
 def _open_torch_checkpoint(path, prefix: str = "") -> Iterator[_TorchTensors]:
     """Tensors of a pickled PyTorch checkpoint (Lightning's `state_dict` entry when
     present); non-tensor entries (step counters, nested optimiser state) are dropped."""
-    path = _existing(path)
+    path = existing_file(path)
     try:
         import torch
     except ImportError as e:
@@ -269,7 +269,7 @@ def save_params(path: str | os.PathLike, params: Mapping, metadata: dict | None 
 
 def load_params(path: str | os.PathLike) -> dict:
     """The inverse of `save_params`: a nested dict of numpy arrays."""
-    path = _existing(path)
+    path = existing_file(path)
     if path.suffix == ".msgpack":
         from flax import serialization
 

@@ -59,6 +59,9 @@ def metadata(config) -> dict:
 
 
 WEIGHTS_ONLY = "weights_only"  # meta key: the state fields a weights checkpoint holds
+# An import writes 1 GB at a time: orbax's default concurrency held 2.7 GB of an SD-1.5
+# UNet's 3.4 GB in write buffers at once (bench/import_memory.py).
+IMPORT_CONCURRENT_GB = 1
 TRASH = "_deleted"  # a local run's retired steps, renamed here before they are removed
 
 
@@ -70,7 +73,10 @@ class Checkpointer:
         keep: int,
         async_save: bool = True,
         read_only: bool = False,
+        save_concurrent_gb: int = 96,
     ):
+        """`save_concurrent_gb` bounds the bytes orbax writes at once: its default (96)
+        suits training hosts; IMPORT_CONCURRENT_GB keeps an import's peak near its weights'."""
         self.directory = storage.path(directory)  # a local path or a gs:// URL
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
@@ -87,8 +93,13 @@ class Checkpointer:
             enable_background_delete=not read_only,
             todelete_subdir=None if read_only else TRASH,
         )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory, options=options, item_handlers=handlers
         )
         self._emptying = None
         self._empty_trash()
@@ -132,6 +143,13 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(step, args=args, force=True)
+
+    @classmethod
+    def write_weights(cls, directory, weights: dict, data_state: dict, config) -> None:
+        """Step 0 of a new run made from imported `weights` (see save_weights)."""
+        run = cls(directory, keep=3, async_save=False, save_concurrent_gb=IMPORT_CONCURRENT_GB)
+        run.save_weights(0, weights, data_state, config)
+        run.close()
 
     def check_compatible(self, step: int, config) -> None:
         path = self.directory / str(step)

@@ -76,9 +76,9 @@ def write_autoencoder_run(workdir, weights: dict, config) -> None:
     run's first stage (FirstStage reads its params), and an autoencoder run that
     `AutoencoderTask.state_from_weights` completes for evaluation or fine-tuning."""
     data_state = TrainIterator.initial_state(config.seed, config.batch_size)
-    run = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", keep=3, async_save=False)
-    run.save_weights(0, weights, data_state, config)
-    run.close()
+    ckpt_lib.Checkpointer.write_weights(
+        storage.path(workdir) / "checkpoints", weights, data_state, config
+    )
 
 
 def _import_autoencoder(release, state: Mapping, workdir: storage.Path) -> str:

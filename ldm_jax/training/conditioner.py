@@ -41,6 +41,8 @@ class Conditioner:
             raise UserError(f"unknown config.cond.kind {cond_cfg.kind!r}; valid: {list(KINDS)}")
         self.cfg, self.kind, self.key = cond_cfg, cond_cfg.kind, conditioning_key
         self.module, self.tokenizer, self._frozen = None, None, None
+        self._load_frozen = None  # reads frozen weights on first use (a task built for
+        # shapes alone, as an import's check, then never holds a text encoder twice)
         if self.kind == "class":
             self.n_classes = int(cond_cfg.n_classes)
             self.null_class = self.n_classes
@@ -57,7 +59,7 @@ class Conditioner:
         elif self.kind == "text_frozen":
             self.module, self._frozen, self.tokenizer = bert_weights.load_minilm()
         elif self.kind == "clip":
-            self.module, self._frozen, self.tokenizer = _load_clip(cond_cfg)
+            self.module, self._load_frozen, self.tokenizer = _load_clip(cond_cfg)
         elif self.kind == "layout":
             self.n_classes = int(cond_cfg.n_classes)
             self.class_names = tuple(cond_cfg.get("class_names", ()) or ())
@@ -246,6 +248,8 @@ class Conditioner:
         return {**params, "token_emb": {**params["token_emb"], "embedding": emb}}
 
     def frozen_params(self) -> dict:
+        if self._frozen is None and self._load_frozen is not None:
+            self._frozen = self._load_frozen()
         return {} if self._frozen is None else {"text_encoder": self._frozen["params"]}
 
     def drop(self, inputs: dict, rng, rate: float) -> dict:
@@ -287,7 +291,7 @@ class Conditioner:
 
 
 def _load_clip(cond_cfg):
-    """(CLIPTextEncoder, {"params": host arrays}, tokenizer) from `cond.clip`,
+    """(CLIPTextEncoder, a reader of {"params": host arrays}, tokenizer) from `cond.clip`,
     `cond.tokenizer` ('sd1' / 'sd2' padding) or `cond.tokenizer_dir` (an imported
     folder's own tokenizer) and `cond.weights`."""
     from ldm_jax.interop import tensor_files
@@ -300,11 +304,11 @@ def _load_clip(cond_cfg):
             "`python -m ldm_jax.import_sd` writes both for a Stable Diffusion checkpoint."
         )
     module = clip.CLIPTextEncoder(**dict(cond_cfg.clip))
-    params = tensor_files.load_params(cond_cfg.weights)
+    weights = tensor_files.existing_file(cond_cfg.weights)  # missing: one line now
     if cond_cfg.get("tokenizer_dir"):
         from ldm_jax.interop import stable_diffusion
 
         tokenizer = stable_diffusion.load_tokenizer_folder(cond_cfg.tokenizer_dir)
     else:
         tokenizer = clip_tokenizer.clip_tokenizer(cond_cfg.get("tokenizer", "sd1"))
-    return module, {"params": params}, tokenizer
+    return module, lambda: {"params": tensor_files.load_params(weights)}, tokenizer

@@ -93,7 +93,10 @@ class FirstStage:
         autoencoder config), with no discriminator or optimizer state: a first stage that
         `FirstStage` reads as it reads a trained one."""
         directory = _checkpoint_dir(storage.path(workdir))
-        ckpt = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
+        ckpt = ckpt_lib.Checkpointer(
+            directory, keep=1, async_save=False,
+            save_concurrent_gb=ckpt_lib.IMPORT_CONCURRENT_GB,
+        )  # fmt: skip
         ckpt.save(step, _params_item(params), {}, config)
         ckpt.close()
 

@@ -154,9 +154,9 @@ def write_weights_checkpoint(workdir, config, task: DiffusionTask, params: dict,
     _check_params(task, params)
     weights = {"params": params, "scale_factor": np.float32(scale_factor)}
     data_state = TrainIterator.initial_state(config.seed, config.batch_size)
-    run = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", keep=3, async_save=False)
-    run.save_weights(0, weights, data_state, config)
-    run.close()
+    ckpt_lib.Checkpointer.write_weights(
+        storage.path(workdir) / "checkpoints", weights, data_state, config
+    )
 
 
 # ----- export: a run in a release layout ---------------------------------------------------
