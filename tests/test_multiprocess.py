@@ -15,9 +15,9 @@ from toy import AE_CONFIG, ROOT, launch_command, launch_env, run_launched, run_m
 pytestmark = pytest.mark.slow  # every test runs jobs of several processes
 
 
-def _losses(workdir):
+def _losses(workdir, key="loss"):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _ae_args(workdir, data_dir, steps=3, *extra):
@@ -74,19 +74,31 @@ def test_four_processes_train_the_autoencoder_like_one_device(
     eight_device_ae, four_process_ae, tmp_path
 ):
     """4 processes x 2 devices against one process x 8 devices, the discriminator active at
-    step 3: the same losses. Against one device the adaptive weight ||grad nll|| /
-    ||grad g_loss|| of a just-initialised discriminator magnifies reduction-order
-    differences (Adam's first steps flip the sign of near-zero gradients): d_weight came out
-    2.7% apart, 2194.9 vs 2255.5. With the same per-device shapes only gloo's sums differ.
+    step 3: the same losses. With the same per-device shapes only gloo's sums differ, and
+    every loss term agrees to 1e-5. The adaptive weight ||grad nll|| / ||grad g_loss|| of
+    a just-initialised discriminator magnifies those differences: its denominator is the
+    gradient of a loss that barely depends on the last layer yet, so d_weight (and the
+    total loss it scales g_loss into) agrees only to about 1e-3 (4e-5 apart here in one
+    run, 2.3e-3 in a CI run: 2190.07 vs about 2195, total loss 4360.39 vs 4361.14; against
+    one device, 2.7%). Steps 1-2 run before the GAN term and their totals agree to 1e-5.
     The job's held-out evaluation of its step-3 state equals one process's evaluation of
     that state (each eval example counted once). The two runs' own evaluations are not
     compared: after the third update they are 1.4e-5 apart in PSNR (11.84428 vs 11.84411),
     the reduction-order difference of the weights, not of the evaluation."""
     workdir, proc = four_process_ae
     assert all(f"[{r}] done: step 3" in proc.stdout for r in range(4)), proc.stdout
-    a, b = _losses(eight_device_ae), _losses(workdir)
-    assert sorted(b) == [1, 2, 3]
-    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+    assert sorted(_losses(workdir)) == [1, 2, 3]
+
+    def agree(key, steps, rtol):
+        one, four = _losses(eight_device_ae, key), _losses(workdir, key)
+        np.testing.assert_allclose([four[s] for s in steps], [one[s] for s in steps],
+                                   rtol=rtol, err_msg=key)  # fmt: skip
+
+    agree("loss", (1, 2), 1e-5)
+    for term in ("nll", "rec_loss", "kl", "g_loss", "disc_loss"):
+        agree(term, (3,), 1e-5)
+    agree("d_weight", (3,), 1e-2)
+    agree("loss", (3,), 1e-3)
     m4 = json.loads((workdir / "metrics.json").read_text())["eval"]
     m1 = _evaluate_in_this_process(workdir, tmp_path / "ae4_copy")
     assert m1["num_examples"] == m4["num_examples"] == 8  # each eval example counted once
