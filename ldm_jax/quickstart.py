@@ -42,6 +42,9 @@ def _accuracy(samples: dict, data_dir) -> dict:
     return {
         "conditional_accuracy": clf.accuracy(images, samples["labels"]),
         "classifier_real_test_accuracy": clf.real_test_accuracy,
+        # samples far from every real digit (colour-noise blobs the classifier still names)
+        "off_manifold_share": clf.off_manifold_share(images),
+        "real_off_manifold_share": clf.real_off_manifold_share,
         "num_samples": int(len(images)),
     }
 
@@ -101,7 +104,9 @@ def main(argv=None) -> dict:
             samples = _sample(workdir, workdir / "samples", labels=labels, n=n)
         result["samples"] = {"png": samples["out"] + "/samples.png", **_accuracy(samples, data_dir)}
         acc = result["samples"]["conditional_accuracy"]
-        print(f"[quickstart] {name}: conditional accuracy {acc:.1%} -> {samples['out']}")
+        off = result["samples"]["off_manifold_share"]
+        print(f"[quickstart] {name}: conditional accuracy {acc:.1%}, off the digits' "
+              f"manifold {off:.1%} -> {samples['out']}")  # fmt: skip
         return result
 
     print(f"[quickstart] 2/3 class-conditional LDM on digits -> {root / 'ldm_digits'}")
