@@ -185,40 +185,13 @@ def worker_main(args) -> None:
         print(json.dumps({"t": time.perf_counter() - t}), file=proto)
 
 
-class Worker:
+class Worker(side_by_side.PipeWorker):
     def __init__(self, impl: str, args, workdir: pathlib.Path, run: pathlib.Path):
         cmd = [sys.executable, __file__, "--worker", impl, "--dir", str(workdir),
                "--run", str(run), "--folder", str(args.folder), "--size", str(args.size),
                "--steps", str(args.steps), "--prompt", args.prompt]  # fmt: skip
         self.impl = impl
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env()
-        )
-
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {self.impl} worker exited (code {self.proc.wait()})")
-        return json.loads(line)
-
-    def go(self) -> tuple[float, float]:
-        """(seconds of one call, share of the CPUs other processes took meanwhile)."""
-        busy, own = side_by_side._busy_ticks(), side_by_side._ticks(self.proc.pid)
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        t = self.read()["t"]
-        own = side_by_side._ticks(self.proc.pid) - own
-        foreign = side_by_side._busy_ticks() - busy - own
-        return t, max(0.0, foreign / (side_by_side._HZ * t * os.cpu_count()))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()  # the process this bench started
+        super().__init__(cmd, _env(), impl)
 
 
 def _env(**extra) -> dict:

@@ -104,16 +104,12 @@ def _xla(flags: str) -> dict:
     return {"XLA_FLAGS": flags} if flags else {}
 
 
-class Worker:
-    def __init__(self, spec: Spec, case: str, workdir: str, cache: str | None):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-        env.update(spec.env)
-        if cache:
-            env["BENCH_JAX_CACHE"] = cache
-        impl = "torch" if spec.impl == "weights" else spec.impl
-        cmd = [spec.python, WORKER, impl, "--case", case, "--dir", workdir]
-        cmd += ["--label", spec.label]
-        self.spec = spec
+class PipeWorker:
+    """A worker process driven line by line: "go" runs one timed call, which the worker
+    answers with a JSON line {"t": seconds}; "quit" ends it."""
+
+    def __init__(self, cmd: list[str], env: dict, label: str):
+        self.label = label
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )
@@ -121,7 +117,7 @@ class Worker:
     def read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker {self.spec.label} exited (code {self.proc.wait()})")
+            raise RuntimeError(f"worker {self.label} exited (code {self.proc.wait()})")
         return json.loads(line)
 
     def go(self) -> tuple[float, float]:
@@ -137,7 +133,23 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.close()
-            self.proc.wait(timeout=120)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # the process this bench started
+
+
+class Worker(PipeWorker):
+    def __init__(self, spec: Spec, case: str, workdir: str, cache: str | None):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+        env.update(spec.env)
+        if cache:
+            env["BENCH_JAX_CACHE"] = cache
+        impl = "torch" if spec.impl == "weights" else spec.impl
+        cmd = [spec.python, WORKER, impl, "--case", case, "--dir", workdir]
+        cmd += ["--label", spec.label]
+        self.spec = spec
+        super().__init__(cmd, env, spec.label)
 
 
 def _inputs(case: str, workdir: str) -> None:
