@@ -400,21 +400,74 @@ def test_vq_first_stage_is_a_diffusion_run_first_stage(vq_release, tmp_path_fact
     assert_trees_identical(jax.device_get(first_stage.load_params()), vq_release[2])
 
 
-def test_inpainting_release_imports_beside_its_first_stage_copy(zoo, tmp_path_factory):
+@pytest.fixture(scope="module")
+def sr_release(zoo):
+    """bsr_sr's layout: no cond stage weights (torch.nn.Identity), the low-res image
+    concatenated to z_t at the latent grid (downscale_f equal to the first stage's f)."""
+    unet = dict(UNET, in_channels=6, out_channels=3, num_head_channels=32)
+    model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", VQ, {"target": "torch.nn.Identity"},
+                      channels=3, cond_stage_key="LR_image", concat_mode=True, linear_end=0.0155)  # fmt: skip
+    data = {"params": {"train": {"target": "ldm.data.openimages.SuperresOpenImagesAdvancedTrain",
+                                 "params": {"size": 16, "degradation": "bsrgan_light", "downscale_f": 2}}}}  # fmt: skip
+    return write_ldm(zoo, "bsr_sr", model, data=data)
+
+
+@pytest.fixture(scope="module")
+def inpaint_release(zoo):
     """inpainting_big's layout: the cond stage is the first stage (VQ, no attention),
     which the file holds a second time under cond_stage_model.*; the UNet takes z_t,
     E(masked image) and the mask (3 + 3 + 1 channels)."""
-    from ldm_jax.training.restore import stored_config
-
     fs = dict(VQ, ddconfig=dict(VQ["ddconfig"], attn_type="none"))
     unet = dict(UNET, in_channels=7, out_channels=3, num_heads=8, num_head_channels=-1, resblock_updown=True)  # fmt: skip
     model = _ldm_yaml(unet, "ldm.models.autoencoder.VQModelInterface", fs, "__is_first_stage__",
                       channels=3, cond_stage_key="masked_image", concat_mode=True, loss_type="l1")  # fmt: skip
     fs_model, fs_params = _first_stage(model["params"]["first_stage_config"]["target"], fs)
     copy = vae_weights.vae_to_compvis(fs_params, fs_model, prefix="cond_stage_model.")
-    release = write_ldm(zoo, "inpainting_big", model, copy)
-    config = stored_config(_import(tmp_path_factory, release, "inpainting_big"))
+    return write_ldm(zoo, "inpainting_big", model, copy)
+
+
+def _photo(tmp_path, name, size, seed):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / name)
+    return tmp_path / name, pixels
+
+
+@pytest.mark.slow
+def test_super_resolution_release_upsamples_a_low_res_image(sr_release, tmp_path_factory, tmp_path):  # fmt: skip
+    from ldm_jax.training.restore import load_run
+
+    workdir = _import(tmp_path_factory, sr_release, "bsr_sr")
+    config, _, state, _ = load_run(workdir, stage="diffusion")
+    condition = config.data.condition
+    assert (condition.kind, condition.factor, condition.degradation) == ("low_res", 2, "bsr_light")
+    assert_trees_identical(jax.device_get(state.ema_params), sr_release[2])
+    low, pixels = _photo(tmp_path, "low.png", 8, seed=4)
+    out = tmp_path / "out"
+    images = _sample(workdir, out, f"--cond_image={low}")
+    assert images.shape == (1, 16, 16, 3)  # 8 px x2
+    shown = np.load(out / "samples.npz")["condition"][0]  # the low-res input, upscaled x2
+    np.testing.assert_array_equal(shown, pixels.repeat(2, 0).repeat(2, 1))
+
+
+@pytest.mark.slow
+def test_inpainting_release_imports_beside_its_first_stage_copy_and_fills_a_mask(inpaint_release, tmp_path_factory, tmp_path):  # fmt: skip
+    from PIL import Image
+
+    from ldm_jax.training.restore import stored_config
+
+    workdir = _import(tmp_path_factory, inpaint_release, "inpainting_big")
+    config = stored_config(workdir)
     assert config["data"]["condition"]["kind"] == "inpaint" and config["model"]["resblock_updown"]
+    image, pixels = _photo(tmp_path, "image.png", 16, seed=5)
+    fill = np.zeros((16, 16), bool)
+    fill[4:12, 2:10] = True
+    Image.fromarray(fill.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    images = _sample(workdir, tmp_path / "out", f"--cond_image={image}", f"--mask={tmp_path / 'mask.png'}")  # fmt: skip
+    assert images.shape == (1, 16, 16, 3)
+    np.testing.assert_array_equal(images[0][~fill], pixels[~fill])  # kept outside the mask
+    assert np.any(images[0][fill] != pixels[fill])
 
 
 # ----- the YAML -> config mapping on the real releases' settings --------------------------
