@@ -24,8 +24,8 @@ PatchGAN weights. Both run in this process; torch uses os.cpu_count() threads.
              ...), medians; ratio = torch s / ldm_jax s (> 1: ldm_jax is faster).
   breakdown  ldm_jax's step in jitted pieces (medians, XLA's FLOPs, GFLOP/s), the same
              pieces in torch, torch's step FLOPs (FlopCounterMode), then the ops below.
-             "nll_lpips_split_fwd_bwd (candidate)" is LPIPS with x and y through the VGG
-             separately: ldm_jax's concatenated pass runs backward through x's half too.
+             "nll_lpips_fwd_bwd" is the loss form of LPIPS (`lpips_loss`: the target's
+             VGG features take no backward pass).
              "optimizers_and_checks" runs undonated, so it copies what the step updates
              in place; read it as an upper bound.
   ops        3x3 convs and GroupNorm+swish at the VAE's big levels, forward and
@@ -292,31 +292,6 @@ def median_s(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def lpips_split(lp, x, y):
-    """LPIPS distance [B] with x and y through the VGG separately (no concatenation), so
-    that a VJP in y never runs backward through x's branch: a candidate for ldm_jax."""
-    shift, scale = jnp.asarray(lpips_lib._SHIFT), jnp.asarray(lpips_lib._SCALE)
-
-    def features(h):
-        h, out = (h - shift) / scale, []
-        for s, widths in enumerate(lpips_lib.VGG16_STAGES):
-            if s:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2))
-            for k in range(len(widths)):
-                p = lp[f"conv{s + 1}_{k + 1}"]
-                dn = ("NHWC", "HWIO", "NHWC")
-                h = layers.conv_general_dilated(h, p["kernel"], (1, 1), ((1, 1), (1, 1)),
-                                                dimension_numbers=dn)  # fmt: skip
-                h = jax.nn.relu(h + p["bias"])
-            out.append(lpips_lib._unit_normalize(h))
-        return out
-
-    total = 0.0
-    for s, (fx, fy) in enumerate(zip(features(x), features(y))):
-        total = total + jnp.mean(((fx - fy) ** 2) @ lp[f"lin{s}"]["kernel"][0, 0], axis=(1, 2, 3))
-    return total
-
-
 def jax_parts(task, state, x, rng, frozen) -> dict:
     """{part: (fn, args)}: the pieces of ldm_jax's step, each a function to jit."""
     import optax
@@ -340,14 +315,6 @@ def jax_parts(task, state, x, rng, frozen) -> dict:
     def vae_fwd_bwd(p, x, ct):
         _, vjp = jax.vjp(lambda p: vae_fwd(p, x)[:2], p)
         return vjp((ct, jnp.float32(loss_cfg.kl_weight)))[0]
-
-    def nll_split_fwd_bwd(lp, x, r, logvar):
-        def head(r, logvar):
-            d = lpips_split(lp, x, r)
-            nll, _ = ae_losses.reconstruction_nll(x, r, d, logvar, perceptual_weight=1.0, kind="kl")
-            return nll
-
-        return jax.value_and_grad(head, argnums=(0, 1))(r, logvar)
 
     def adaptive(last, hidden, a, b):
         _, conv_vjp = jax.vjp(lambda p: ae_models.apply_output_conv(p, hidden), last)
@@ -384,7 +351,6 @@ def jax_parts(task, state, x, rng, frozen) -> dict:
             lambda lp, x, r, v: task._nll_cotangents(x, r, v, {"lpips": lp})[:3],
             (lp, x, recon, logvar),
         ),  # fmt: skip
-        "nll_lpips_split_fwd_bwd (candidate)": (nll_split_fwd_bwd, (lp, x, recon, logvar)),
         "adv_disc_fwd_bwd": (task._adv_cotangent, (state, recon)),
         "adaptive_weight_vjps": (adaptive, (last, hidden, a, b)),
         "disc_update_fwd_bwd": (disc_update, (state.disc_params, state.disc_stats, x, recon)),
@@ -520,10 +486,6 @@ def run_breakdown(args) -> None:
 
     task, state, batch, rng, frozen = setup(args.size, args.batch, seed=args.seed)
     x = batch["image"]
-    ref_d = lpips_lib.lpips_distance(frozen["lpips"], x, x[::-1])
-    split_d = jax.jit(lpips_split)(frozen["lpips"], x, x[::-1])
-    emit(section="breakdown", note="lpips_split equals lpips_distance",
-         max_rel=float(jnp.max(jnp.abs(split_d - ref_d) / jnp.abs(ref_d))))  # fmt: skip
     rows = {}
     for part, (fn, a) in jax_parts(task, state, x, rng, frozen).items():
         compiled, flops, compile_s = compile_fn(fn, a)

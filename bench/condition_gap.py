@@ -23,7 +23,7 @@ from ldm_jax.training.restore import open_run
 
 
 def gap(workdir: str, step: int, examples: int, timesteps) -> list:
-    restored = open_run(workdir, step, "diffusion")
+    restored = open_run(workdir, step, "diffusion", inference=True)
     task, state, frozen = restored.task, restored.state, restored.mesh_run.frozen
     data_cfg = restored.config.data.copy_and_resolve_references()
     batch = next(

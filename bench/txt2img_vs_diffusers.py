@@ -108,7 +108,7 @@ def ldm_jax_txt2img(run, steps: int, guidance: float, latents: np.ndarray):
         config.sampling.update(dict(sampler="ddim", steps=steps, eta=0.0))
         config.sampling.guidance_scale = guidance
 
-    restored = open_run(run, -1, "diffusion", overrides)
+    restored = open_run(run, -1, "diffusion", overrides, inference=True)
     task, mesh_run, state = restored.task, restored.mesh_run, restored.state
 
     def draw(state, frozen, inputs, noise, rng):

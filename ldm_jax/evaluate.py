@@ -117,7 +117,7 @@ def run(args) -> dict:
             if args.data_dir:
                 config.data.data_dir = args.data_dir
 
-    restored = open_run(args.workdir, args.step, overrides=overrides)
+    restored = open_run(args.workdir, args.step, overrides=overrides, inference=True)
     config, step = restored.config, restored.step
     if held:
         config = config.copy_and_resolve_references()

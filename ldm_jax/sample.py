@@ -356,7 +356,7 @@ def run(args) -> dict:
     tile, overlap = _tiling(args)
     distributed.initialize()
     workdir = storage.path(args.workdir)
-    restored = open_run(workdir, args.step, "diffusion", _overrides(args))
+    restored = open_run(workdir, args.step, "diffusion", _overrides(args), inference=True)
     task, sampling, n = restored.task, restored.config.sampling, args.num_per_condition
     if task.from_condition and user is None:
         raise UserError(_dense_hint(task))

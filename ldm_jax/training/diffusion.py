@@ -54,6 +54,7 @@ def ema_decay(step, decay: float):
 
 class DiffusionTask(Task):
     stage = "diffusion"
+    state_type = DiffusionState
 
     def __init__(self, config, first_stage: FirstStage | None = None):
         """`first_stage` defaults to the checkpoint config.first_stage names."""
@@ -176,6 +177,16 @@ class DiffusionTask(Task):
             params["unet"], params.get("cond") or None, weights["scale_factor"],
             params.get("dense"),
         )  # fmt: skip
+
+    def inference_fields(self, state) -> dict:
+        """Sampling reads the EMA UNet, the conditioning encoder, the dense condition's
+        weights and the latent scale: not the trained UNet copy or the AdamW moments."""
+        return {
+            "step": state.step,
+            "params": {k: v for k, v in state.params.items() if k != "unet"},
+            "ema_params": state.ema_params,
+            "scale_factor": state.scale_factor,
+        }
 
     def initialize_from_batch(self, state, batch, frozen, rng):
         """scale_by_std: scale_factor = 1 / std(z) of the first training batch (fresh runs

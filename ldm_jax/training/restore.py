@@ -51,7 +51,8 @@ class RestoredRun:
 
     config: ml_collections.ConfigDict
     task: Any
-    state: Any  # sharded over `mesh_run.mesh` with the training shardings
+    state: Any  # sharded over `mesh_run.mesh` with the training shardings; for inference,
+    #             only `Task.inference_fields` (the others None)
     step: int
     mesh_run: MeshRun  # its `frozen` holds the task's frozen params on the mesh
 
@@ -69,6 +70,29 @@ def _restore(ckpt, step: int, task, mesh_run: MeshRun | None):
     return ckpt.restore(step, abstract, complete)[0]
 
 
+def _restore_for_inference(ckpt, step: int, task, mesh_run: MeshRun | None):
+    """The state's inference fields alone (`Task.inference_fields`), the others None:
+    sampling a run needs neither the optimizer moments nor the trained UNet copy."""
+    boxed = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
+    abstract = nn.unbox(boxed)
+    if mesh_run is not None:
+        shardings = mesh_lib.logical_to_sharding(boxed, mesh_run.mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    field_shardings = task.inference_fields(shardings)
+    # A weights checkpoint: the fields made from the weights (XLA drops the moments'
+    # initialisation, which no output reads).
+    from_weights = jax.jit(
+        lambda w: task.inference_fields(task.state_from_weights(w)),
+        out_shardings=field_shardings,
+        donate_argnums=0,
+    )
+    fields = ckpt.restore_fields(step, task.inference_fields(abstract), abstract, from_weights)
+    return task.inference_state(fields)
+
+
 def _open_task(workdir, step: int, stage: str | None, overrides):
     workdir = storage.path(workdir)
     ckpt, step, meta = _open(workdir, step, stage)
@@ -78,30 +102,35 @@ def _open_task(workdir, step: int, stage: str | None, overrides):
     return ckpt, step, config, make_task(config)
 
 
-def open_run(workdir, step: int = -1, stage: str | None = None, overrides=None) -> RestoredRun:
+def open_run(workdir, step: int = -1, stage: str | None = None, overrides=None,
+             inference: bool = False) -> RestoredRun:  # fmt: skip
     """The run in `workdir` at `step` (-1: latest) on the mesh of its `config.mesh`
     (after `overrides(config)`), with the task's frozen params placed on that mesh.
-    `stage` ('autoencoder' / 'diffusion') is required of the run when given. Call inside
-    no mesh context: the run's mesh is made here, once."""
+    `stage` ('autoencoder' / 'diffusion') is required of the run when given. With
+    `inference`, the state holds only what sampling and evaluation read
+    (`Task.inference_fields`; the optimizer moments stay on disk). Call inside no mesh
+    context: the run's mesh is made here, once."""
     ckpt, step, config, task = _open_task(workdir, step, stage, overrides)
     mesh_run = MeshRun.from_config(config.mesh)
+    restore = _restore_for_inference if inference else _restore
     with jax.set_mesh(mesh_run.mesh):
-        state = _restore(ckpt, step, task, mesh_run)
+        state = restore(ckpt, step, task, mesh_run)
         mesh_run.place_frozen(task.frozen_params())
     ckpt.close()
     return RestoredRun(config, task, state, step, mesh_run)
 
 
-def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False):
+def load_run(workdir, step: int = -1, stage: str | None = None, overrides=None, sharded=False,
+             inference=False):  # fmt: skip
     """-> (config, task, state, step). `stage` ('autoencoder' / 'diffusion') is required
     of the run when given; `overrides(config)` may edit the config before the task is
     built (e.g. sampling settings or the mesh). With `sharded`, the state is restored
     onto the mesh of `config.mesh` with the training shardings (its arrays' `.sharding.mesh`);
-    otherwise onto this process's default device."""
+    otherwise onto this process's default device. `inference` is open_run's."""
     if sharded:
-        run = open_run(workdir, step, stage, overrides)
+        run = open_run(workdir, step, stage, overrides, inference)
         return run.config, run.task, run.state, run.step
     ckpt, step, config, task = _open_task(workdir, step, stage, overrides)
-    state = _restore(ckpt, step, task, None)
+    state = (_restore_for_inference if inference else _restore)(ckpt, step, task, None)
     ckpt.close()
     return config, task, state, step

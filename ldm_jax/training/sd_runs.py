@@ -165,7 +165,7 @@ EXPORT_LAYOUTS = ("ldm_jax", "msgpack", "compvis", "diffusers")
 
 def _run_parts(workdir, step: int):
     """(config, task, {unet: EMA params, vae, text_encoder or a trained cond}) of a run."""
-    config, task, state, _ = load_run(workdir, step, stage="diffusion")
+    config, task, state, _ = load_run(workdir, step, stage="diffusion", inference=True)
     parts = {
         "unet": jax.device_get(state.ema_params),
         "vae": jax.device_get(task.first_stage.load_params()),

@@ -11,6 +11,8 @@ the optional hooks default to doing nothing, so the loop never probes a task.
                 initialize_from_batch(state, batch, frozen, rng) -> state (fresh runs)
                 state_from_weights({field: value}) -> the whole state of a weights
                 checkpoint's fields (an import's; optimizer moments made here)
+                inference_fields(state) -> {field: subtree} sampling and evaluation read;
+                inference_state(fields) -> a state of those alone (the rest None)
     frozen      frozen_params() -> host pytree of weights the steps read, never train
     outputs     sample_grid(state, batch, rows, frozen) -> rows of uint8 images
                 grid_captions(batch, rows) -> a caption per grid column, or None
@@ -19,6 +21,7 @@ the optional hooks default to doing nothing, so the loop never probes a task.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,6 +34,7 @@ STAGES = ("autoencoder", "diffusion")
 
 class Task:
     stage: str = ""
+    state_type: type  # the stage's state dataclass
 
     def __init__(self, config):
         self.config = config
@@ -77,6 +81,18 @@ class Task:
     def state_from_weights(self, weights: dict):
         """The state of a weights checkpoint's fields (`Checkpointer.save_weights`)."""
         raise UserError(f"a {self.stage} run's checkpoints hold whole states, not weights only")
+
+    def inference_fields(self, state) -> dict:
+        """The state's fields that sampling and evaluation read ({name: subtree}, a partial
+        tree of the state: it also selects from an abstract state or its shardings).
+        Opening a run for inference restores these alone, not the optimizer moments
+        (default: every field)."""
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+    def inference_state(self, fields: dict):
+        """A state object holding `fields` (`inference_fields`), the others None."""
+        fields_of_state = dataclasses.fields(self.state_type)
+        return self.state_type(**{f.name: fields.get(f.name) for f in fields_of_state})
 
     def train_source(self, mesh_run):
         """A training source that replaces the dataset's (e.g. a latent cache), or None."""
