@@ -444,11 +444,12 @@ def _cpu_experiment_64(c, dataset: str, steps: int) -> None:
 
 def photo_ldm_config(condition: str, steps: int, runlocal: bool) -> ml_collections.ConfigDict:
     """The CPU restoration experiments on the embedded photo_crops (64² crops; test crops
-    from photos never trained on), in the latents of the quickstart's KL-f4 autoencoder
-    (64² -> 16x16x3): `condition` 'low_res' (4x super-resolution, 16² -> 64², bicubic),
-    'inpaint' (large masks) or 'none' (unconditional: inpaints by mask guidance)."""
+    from photos never trained on), in the latents of the photo KL-f4 autoencoder
+    (configs/autoencoder/photo_f4.py; 64² -> 16x16x3): `condition` 'low_res' (4x
+    super-resolution, 16² -> 64², bicubic), 'inpaint' (large masks) or 'none'
+    (unconditional: inpaints by mask guidance)."""
     c = diffusion_config(
-        first_stage_workdir="runs/quickstart/autoencoder",
+        first_stage_workdir="runs/photo_f4",
         model_channels=64,
         channel_mult=(1, 2, 2),
         attention_resolutions=(4,),

@@ -2,10 +2,12 @@
 
     python -m ldm_jax.quickstart [--workdir runs/quickstart] [--skip_text] [--runlocal]
 
-1. A small KL autoencoder (f=4) on photo_crops; held-out PSNR / SSIM / LPIPS.
+1. A small KL autoencoder (f=4) on the digits, the LDMs' own data (as the paper trains
+   each first stage on its domain); held-out PSNR / SSIM / LPIPS.
 2. A class-conditional LDM on the digits in that autoencoder's latents, with classifier-
-   free guidance; a grid of all ten classes and samples.npz; the conditional accuracy of
-   the samples, measured by a classifier trained on the real digits.
+   free guidance, sampled by DDIM at eta 1; a grid of all ten classes and samples.npz;
+   the conditional accuracy of the samples, measured by a classifier trained on the
+   real digits, and the share of samples off the digits' manifold.
 3. A text-conditional LDM on the digits' captions (BERT tokens -> transformer encoder
    trained with the UNet), sampled from captions, with the same accuracy check.
 Each stage resumes from its checkpoints when run again; metrics.json gathers the figures.
@@ -82,7 +84,7 @@ def main(argv=None) -> dict:
     ev = ae["eval"]
     print(
         f"[quickstart] held-out reconstructions: PSNR {ev['psnr']:.2f} dB, "
-        f"SSIM {ev['ssim']:.4f}, LPIPS {ev['lpips']:.4f} ({int(ev['num_examples'])} crops)"
+        f"SSIM {ev['ssim']:.4f}, LPIPS {ev['lpips']:.4f} ({int(ev['num_examples'])} images)"
     )
     data_dir = ae_cfg.data.data_dir
 

@@ -32,7 +32,7 @@ PAPER = {
 
 def test_every_autoencoder_config_is_listed():
     names = {pathlib.Path(p).stem for p in glob.glob(str(ROOT / "configs/autoencoder/*.py"))}
-    assert names == set(PAPER) | {"quickstart", "digit_scenes"}
+    assert names == set(PAPER) | {"quickstart", "photo_f4", "digit_scenes"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -107,7 +107,7 @@ def test_bad_mesh_shapes(sizes):
 
 
 def test_multislice_mesh_needs_a_multislice_job():
-    cfg = load_config("configs/autoencoder/quickstart.py:runlocal", lock=False).mesh
+    cfg = load_config("configs/autoencoder/photo_f4.py:runlocal", lock=False).mesh
     cfg.dcn_data = 2
     with pytest.raises(UserError, match="2 slices"):
         mesh_lib.make_mesh(cfg)

@@ -12,7 +12,7 @@ from ldm_jax.config_loader import load_config
 
 
 def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_size: int = 8):
-    c = load_config("configs/autoencoder/quickstart.py:runlocal", lock=False)
+    c = load_config("configs/autoencoder/photo_f4.py:runlocal", lock=False)
     c.model.type = kind
     c.model.ch = 8
     c.model.ch_mult = (1, 2)
@@ -33,7 +33,7 @@ def tiny_autoencoder_config(kind: str = "kl", *, image_size: int = 16, batch_siz
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-AE_CONFIG = "configs/autoencoder/quickstart.py:runlocal"
+AE_CONFIG = "configs/autoencoder/photo_f4.py:runlocal"
 LDM_CONFIG = "configs/diffusion/quickstart_digits.py:runlocal"
 
 

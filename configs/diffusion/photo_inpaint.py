@@ -1,8 +1,9 @@
 """CPU experiment on the embedded photo_crops: inpainting with large masks (10-50% of the image),
-in the quickstart autoencoder's KL-f4 latents (see config_common.photo_ldm_config).
+in the photo autoencoder's KL-f4 latents (configs/autoencoder/photo_f4.py; see
+config_common.photo_ldm_config).
 
     python -m ldm_jax.train --config configs/diffusion/photo_inpaint.py --workdir runs/photo_inpaint \
-        --config.first_stage.workdir=runs/quickstart/autoencoder
+        --config.first_stage.workdir=runs/photo_f4
     python -m ldm_jax.evaluate --workdir runs/photo_inpaint --metric lpips --metric fid \
         --metric l1_masked --metric lpips_masked
 """
