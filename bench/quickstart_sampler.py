@@ -7,7 +7,8 @@ sampled with several sampler settings, and its first stage on real digits.
 
 For `<root>/ldm_digits` (a class run) it prints, as JSON lines:
   first_stage  the first stage on 128 held-out digits: PSNR of the reconstructions, their
-               off-manifold share (the quickstart's digits classifier), and the scaled
+               colour shift (each image's largest per-channel mean error, in 0..255
+               levels), off-manifold share (the quickstart's digits classifier), and the scaled
                latents' std and largest |z|, i.e. the range the LDM was trained on;
   variant      per sampler setting (keys of config.sampling over the run's own), 10
                samples of each class from the same starting noise: the off-manifold share,
@@ -45,8 +46,12 @@ def first_stage_row(run, clf) -> None:
     x = jnp.asarray(images[:128])
     z = task.encode_images(state, frozen, x, jax.random.PRNGKey(0))
     recon = task.decode(state, frozen, z)
-    mse = float(jnp.mean((jnp.clip(recon, -1, 1) - x) ** 2))
+    recon = jnp.clip(recon, -1, 1)
+    mse = float(jnp.mean((recon - x) ** 2))
+    # colour shift: each image's largest per-channel mean error, in 0..255 levels
+    shift = jnp.abs(jnp.mean(recon - x, axis=(1, 2))).max(axis=-1) * 127.5
     emit(section="first_stage", psnr_db=round(10 * np.log10(4.0 / mse), 2),
+         colour_shift_levels_mean=float(shift.mean()), colour_shift_levels_max=float(shift.max()),
          recon_off_manifold=clf.off_manifold_share(np.asarray(recon)),
          real_off_manifold=clf.real_off_manifold_share, latent_std=float(z.std()),
          latent_max_abs=float(jnp.abs(z).max()), scale_factor=float(state.scale_factor))  # fmt: skip
