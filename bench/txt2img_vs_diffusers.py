@@ -23,9 +23,9 @@ that load from other processes hits both alike, and prints one JSON line per lib
 median / min / max seconds, setup seconds (load + first call, compile included), peak
 resident memory, the CPU share other processes took during its calls ("foreign"), and
 `torch_over_ldm_jax`, the median torch time over the median ldm_jax time (the issue's
-goal: >= 1.5). Memory: both workers are alive together; on 2 CPUs at 128 px the
-ldm_jax worker peaked at 15.4 GB (`open_run` builds the run's whole training state:
-EMA copy and AdamW moments beside the UNet) and diffusers' at 4.4 GB.
+goal: >= 1.5). Memory: both workers are alive together; at 512 px the ldm_jax worker
+peaked at 6.9 GB and diffusers' at 5.3 GB (before runs were opened for inference, with
+their AdamW moments and a separate EMA copy, ldm_jax's peaked at 15.4 GB at 128 px).
 
 "Checked equal": both start from the same initial latents (standard normal, seed
 --seed, [1, size/8, size/8, 4]; NCHW for diffusers), so the two [0, 1] float images of the
